@@ -1,0 +1,251 @@
+"""Stage 3: the Foundry Local-style model cache (``<cache>/custom/<name>/``).
+
+Builds go to ``<cache>/.staging/`` and are renamed into place, so a killed
+build never leaves a half-installed entry; a manifest records hashes, sizes,
+versions and timings so a changed entry is detected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+import psutil
+
+from pytest_slmdeploy.errors import CacheError
+from pytest_slmdeploy.settings import check_model_name
+from pytest_slmdeploy.source import iter_files, sha256_file
+
+MANIFEST_NAME = "slmdeploy_manifest.json"
+INFERENCE_MODEL_NAME = "inference_model.json"
+# Foundry Local skips a folder holding this file while it is being written (its own download marker).
+IN_PROGRESS_MARKER = "download.tmp"
+MANIFEST_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What is installed, how it was made, and how to tell whether it changed."""
+
+    name: str
+    build_key: str
+    source_path: str
+    source_fingerprint: str
+    source_bytes: int
+    precision: str
+    recipe: dict[str, Any]
+    versions: dict[str, str]
+    build_seconds: float
+    build_peak_rss_bytes: int
+    created_at: float
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    schema: int = MANIFEST_SCHEMA
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    @property
+    def size_ratio(self) -> float:
+        return self.model_bytes / self.source_bytes if self.source_bytes else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
+            raise ValueError("unknown manifest schema")
+        data["files"] = {k: FileRecord(**v) for k, v in data.get("files", {}).items()}
+        return cls(**data)
+
+
+def record_files(folder: Path) -> dict[str, FileRecord]:
+    """Size, hash and mtime of every file in ``folder`` except the manifest."""
+    records = {}
+    for path in iter_files(folder):
+        rel = path.relative_to(folder).as_posix()
+        if rel in (MANIFEST_NAME, IN_PROGRESS_MARKER):
+            continue
+        st = path.stat()
+        records[rel] = FileRecord(size=st.st_size, sha256=sha256_file(path), mtime_ns=st.st_mtime_ns)
+    return records
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """Whether an installed entry can be reused, and if not, why."""
+
+    usable: bool
+    reason: str
+    manifest: Manifest | None = None
+
+
+class ModelCache:
+    """A cache folder laid out as Foundry Local's: ``custom/<name>/`` per model."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def custom_dir(self) -> Path:
+        return self.root / "custom"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def entry_dir(self, name: str) -> Path:
+        return self.custom_dir / check_model_name(name)
+
+    def ensure_writable(self) -> None:
+        """Create the cache folders, or say clearly why they cannot be written."""
+        probe = self.root / f".write-probe-{os.getpid()}"
+        try:
+            for folder in (self.custom_dir, self.root / ".staging", self.root / ".locks", self.logs_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise CacheError(
+                f"cache folder {self.root} is not writable ({exc.strerror or exc}); "
+                "pass --slm-cache DIR or set SLMDEPLOY_CACHE to a writable folder"
+            ) from None
+
+    def read_manifest(self, name: str) -> Manifest | None:
+        path = self.entry_dir(name) / MANIFEST_NAME
+        try:
+            return Manifest.from_json(path.read_text())
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def check(self, name: str, build_key: str | None = None, *, deep: bool = False) -> EntryState:
+        """Is ``custom/<name>`` complete, built for ``build_key``, and unchanged since install?
+
+        The quick check compares sizes and mtimes (a stat per file); ``deep`` hashes every file.
+        """
+        folder = self.entry_dir(name)
+        if not folder.is_dir():
+            return EntryState(False, "not installed")
+        manifest = self.read_manifest(name)
+        if manifest is None:
+            return EntryState(False, f"no readable {MANIFEST_NAME}")
+        if build_key is not None and manifest.build_key != build_key:
+            return EntryState(False, "built from another source, precision, recipe or tool version", manifest)
+        if (folder / IN_PROGRESS_MARKER).exists():
+            return EntryState(False, f"{IN_PROGRESS_MARKER} present (incomplete install)", manifest)
+        for rel, record in manifest.files.items():
+            path = folder / rel
+            try:
+                st = path.stat()
+            except OSError:
+                return EntryState(False, f"{rel} is missing", manifest)
+            changed = st.st_size != record.size or st.st_mtime_ns != record.mtime_ns
+            if (changed or deep) and (st.st_size != record.size or sha256_file(path) != record.sha256):
+                return EntryState(False, f"{rel} changed since install", manifest)
+        return EntryState(True, "ok", manifest)
+
+    def new_staging(self, name: str) -> Path:
+        """A fresh staging folder next to ``custom/`` (same filesystem, so publishing is a rename)."""
+        staging = self.root / ".staging" / f"{check_model_name(name)}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        (staging / IN_PROGRESS_MARKER).write_text("slmdeploy build in progress\n")
+        return staging
+
+    def publish(self, staging: Path, name: str, manifest: Manifest) -> Path:
+        """Write the manifest and move ``staging`` into ``custom/<name>``, replacing any old entry."""
+        final = self.entry_dir(name)
+        (staging / MANIFEST_NAME).write_text(manifest.to_json())
+        (staging / IN_PROGRESS_MARKER).unlink(missing_ok=True)
+        trash = None
+        if final.exists():
+            trash = self.root / ".staging" / f"{name}.old.{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+        os.replace(staging, final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return final
+
+    def remove(self, name: str) -> bool:
+        folder = self.entry_dir(name)
+        if not folder.exists():
+            return False
+        trash = self.root / ".staging" / f"{name}.rm.{uuid.uuid4().hex[:8]}"
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def names(self) -> list[str]:
+        if not self.custom_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.custom_dir.iterdir() if p.is_dir())
+
+    def clean_stale_staging(self) -> list[Path]:
+        """Remove staging folders left by builds whose process is gone (killed builds)."""
+        removed = []
+        staging_root = self.root / ".staging"
+        if not staging_root.is_dir():
+            return removed
+        for folder in staging_root.iterdir():
+            parts = folder.name.split(".")
+            pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+            if pid is None or not psutil.pid_exists(pid):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        return removed
+
+    @contextlib.contextmanager
+    def lock(
+        self, name: str, timeout: float, *, waiting: Callable[[str], None] = lambda message: None
+    ) -> Iterator[None]:
+        """Hold the build lock for ``name`` (across processes: xdist workers and concurrent runs)."""
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        owner_file = locks / f"{name}.owner"
+        lock = filelock.FileLock(str(locks / f"{name}.lock"))
+        deadline = time.monotonic() + timeout
+        announced = False
+        while True:
+            try:
+                lock.acquire(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+                break
+            except filelock.Timeout:
+                owner = _read_owner(owner_file)
+                if time.monotonic() >= deadline:
+                    raise CacheError(
+                        f"another process ({owner}) is building {name!r} in {self.root}; gave up after "
+                        f"{timeout:g}s (--slm-lock-timeout); wait for it or raise the timeout"
+                    ) from None
+                if not announced:
+                    waiting(f"waiting for {owner} to finish building {name!r}")
+                    announced = True
+        try:
+            owner_file.write_text(json.dumps({"pid": os.getpid(), "since": time.time()}))
+            yield
+        finally:
+            owner_file.unlink(missing_ok=True)
+            lock.release()
+
+
+def _read_owner(owner_file: Path) -> str:
+    try:
+        return f"pid {json.loads(owner_file.read_text())['pid']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown process"

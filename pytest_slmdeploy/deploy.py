@@ -1,0 +1,185 @@
+"""The model's whole path as one call: source -> build -> cache (-> foundry).
+
+``plugin.py`` and ``cli.py`` both call :func:`deploy`; neither knows the stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pytest_slmdeploy import build, template
+from pytest_slmdeploy.cache import INFERENCE_MODEL_NAME, Manifest, ModelCache, record_files
+from pytest_slmdeploy.errors import SourceError
+from pytest_slmdeploy.foundry import inference_model_json
+from pytest_slmdeploy.measure import Stopwatch
+from pytest_slmdeploy.settings import Settings
+from pytest_slmdeploy.source import SourceModel, fingerprint, inspect_source
+
+Progress = Callable[[str], None]
+RecipeHook = Callable[[dict[str, Any]], None]
+TOOL_PACKAGES = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch", "pytest-slmdeploy")
+BUILD_SCHEMA = 1
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions that shape the built model, read from metadata (no imports)."""
+    found = {}
+    for package in TOOL_PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "missing"
+    return found
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A model built (or found built) and installed in the cache."""
+
+    name: str
+    entry_dir: Path
+    manifest: Manifest
+    cache_hit: bool
+    stage_seconds: float
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
+
+
+def resolve_chat_template(source: SourceModel, choice: str) -> str:
+    """The model's own template, or the one the user chose explicitly (``chatml`` or a file)."""
+    if choice == "auto":
+        if source.chat_template is None:
+            raise SourceError(
+                f"{source.path} has no chat template (chat_template.jinja or tokenizer_config.json "
+                "chat_template), so the prompt format cannot be derived; add one, or pass "
+                "--slm-chat-template chatml or --slm-chat-template path/to/template.jinja"
+            )
+        return source.chat_template
+    if choice == "chatml":
+        return template.CHATML_TEMPLATE
+    path = Path(choice)
+    if not path.is_file():
+        raise SourceError(f"--slm-chat-template {choice}: no such file (use auto, chatml or a .jinja file)")
+    return path.read_text(encoding="utf-8")
+
+
+def build_key(fingerprint_: str, precision: str, recipe: dict[str, Any], chat_template: str) -> str:
+    """What the built model depends on: source content, precision, recipe, template and tool versions."""
+    portable = json.loads(json.dumps(recipe))
+    portable.get("input_model", {}).pop("model_path", None)  # the content counts, not where it lies
+    payload = {
+        "schema": BUILD_SCHEMA,
+        "source": fingerprint_,
+        "precision": precision,
+        "recipe": portable,
+        "chat_template": chat_template,
+        "versions": tool_versions(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _recipe(source: SourceModel, precision: str, adjust_recipe: RecipeHook | None) -> dict[str, Any]:
+    config = build.olive_config(source, precision)
+    if adjust_recipe is not None:
+        adjust_recipe(config)
+    return config
+
+
+def _install_files(staging: Path, source: SourceModel, name: str, chat_template: str) -> None:
+    """Add what Foundry Local and the runtimes need next to Olive's output."""
+    if chat_template != source.chat_template:
+        (staging / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    genai = json.loads((staging / "genai_config.json").read_text())
+    generation_path = source.path / "generation_config.json"
+    generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    try:
+        parts = template.derive_prompt_template(chat_template, source.tokenizer_config)
+    except template.TemplateError as exc:
+        raise SourceError(f"{source.path}: {exc}") from None
+    info = inference_model_json(
+        name,
+        parts,
+        context_length=int(genai["model"]["context_length"]),
+        generation_config=generation,
+        description=f"{source.path.name} ({source.architecture}), built by pytest-slmdeploy",
+    )
+    (staging / INFERENCE_MODEL_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def deploy(
+    settings: Settings,
+    *,
+    progress: Progress = lambda message: None,
+    adjust_recipe: RecipeHook | None = None,
+) -> Deployment:
+    """Build ``settings.model`` unless an identical build is installed; install it; return where it is."""
+    assert settings.model is not None, "deploy() needs settings.model"
+    watch = Stopwatch()
+    source = inspect_source(settings.model, trust_remote_code=settings.trust_remote_code)
+    chat_template = resolve_chat_template(source, settings.chat_template)
+    template.derive_prompt_template(chat_template, source.tokenizer_config)  # fail before building
+    name = settings.model_name
+    recipe = _recipe(source, settings.precision, adjust_recipe)
+    cache = ModelCache(settings.cache_dir)
+    cache.ensure_writable()
+    source_fingerprint = fingerprint(source.path, stat_cache_dir=cache.root)
+    key = build_key(source_fingerprint, settings.precision, recipe, chat_template)
+
+    state = cache.check(name, key)
+    if state.usable and not settings.rebuild:
+        assert state.manifest is not None
+        return Deployment(name, cache.entry_dir(name), state.manifest, True, watch.seconds)
+
+    notes: list[str] = []
+    with cache.lock(name, settings.lock_timeout, waiting=progress):
+        state = cache.check(name, key)  # another process may have built it while we waited
+        if state.usable and not (settings.rebuild and not _built_since(state.manifest, watch)):
+            assert state.manifest is not None
+            return Deployment(name, cache.entry_dir(name), state.manifest, True, watch.seconds)
+        if state.reason not in ("ok", "not installed"):
+            notes.append(f"rebuilt {name}: {state.reason}")
+            progress(f"rebuilding {name!r}: {state.reason}")
+        cache.clean_stale_staging()
+        staging = cache.new_staging(name)
+        work = staging.with_name(staging.name + ".work")
+        try:
+            result = build.run_olive(recipe, staging, work, progress=progress)
+            _install_files(staging, source, name, chat_template)
+            log_copy = cache.logs_dir / f"{name}.build.log"
+            shutil.copyfile(result.log_path, log_copy)
+            manifest = Manifest(
+                name=name,
+                build_key=key,
+                source_path=str(source.path),
+                source_fingerprint=source_fingerprint,
+                source_bytes=source.size_bytes,
+                precision=settings.precision,
+                recipe=recipe,
+                versions=tool_versions(),
+                build_seconds=round(result.seconds, 3),
+                build_peak_rss_bytes=result.peak_rss_bytes,
+                created_at=time.time(),
+                files=record_files(staging),
+            )
+            entry = cache.publish(staging, name, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+    progress(f"installed {entry} ({manifest.model_bytes / 1e6:.1f} MB, {manifest.size_ratio:.2f} of the source)")
+    return Deployment(name, entry, manifest, False, watch.seconds, tuple(notes))
+
+
+def _built_since(manifest: Manifest | None, watch: Stopwatch) -> bool:
+    """True when another process finished the build after we started (``--slm-rebuild`` under xdist)."""
+    return manifest is not None and manifest.created_at >= time.time() - watch.seconds

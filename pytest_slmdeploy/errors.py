@@ -1,0 +1,31 @@
+"""Errors the plugin reports to users: one line each, saying the value, the limit and the fix."""
+
+from __future__ import annotations
+
+
+class SlmDeployError(Exception):
+    """Base class: its message is the whole, one-line, user-facing explanation."""
+
+
+class SettingsError(SlmDeployError):
+    """An option or ini value is invalid."""
+
+
+class SourceError(SlmDeployError):
+    """The Hugging Face model folder cannot be used."""
+
+
+class BuildError(SlmDeployError):
+    """Olive did not produce a usable model."""
+
+
+class CacheError(SlmDeployError):
+    """The model cache cannot be read or written."""
+
+
+class RuntimeBackendError(SlmDeployError):
+    """A backend could not load the model or generate."""
+
+
+class GenerationOptionsError(SlmDeployError, ValueError):
+    """Invalid generation settings (max tokens, temperature, top_p, ...)."""

@@ -1,0 +1,87 @@
+"""ONNX Runtime GenAI, in-process: the default backend."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_slmdeploy.errors import RuntimeBackendError
+from pytest_slmdeploy.runtime.protocol import Generation, GenerationOptions, PromptInput, as_messages
+
+
+class OrtGenaiBackend:
+    """Loads ``genai_config.json`` + ONNX files with ``onnxruntime_genai`` and decodes token by token."""
+
+    name = "ort-genai"
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime_genai as og
+
+        self._og = og
+        try:
+            self.model = og.Model(str(model_dir))
+            self.tokenizer = og.Tokenizer(self.model)
+        except Exception as exc:  # the native library raises plain RuntimeError with its own text
+            raise RuntimeBackendError(f"ONNX Runtime GenAI cannot load {model_dir}: {exc}") from None
+        config = json.loads((model_dir / "genai_config.json").read_text())
+        self.context_length = int(config["model"]["context_length"])
+        self.eos_token_ids = _as_list(config["model"]["eos_token_id"])
+
+    def render(self, prompt: PromptInput, system: str | None = None) -> str:
+        """The prompt text exactly as the model's own chat template makes it."""
+        messages = as_messages(prompt, system)
+        return str(self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def decode(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens)) if tokens else ""
+
+    def generate(self, prompt: PromptInput, options: GenerationOptions, system: str | None = None) -> Generation:
+        prompt_ids = self.encode(self.render(prompt, system))
+        if len(prompt_ids) >= self.context_length:
+            raise RuntimeBackendError(
+                f"prompt is {len(prompt_ids)} tokens; the model's context is {self.context_length} "
+                "(prompt plus at least one new token must fit)"
+            )
+        max_length = min(self.context_length, len(prompt_ids) + options.max_new_tokens)
+        params = self._og.GeneratorParams(self.model)
+        search: dict[str, Any] = {"max_length": max_length, "do_sample": options.do_sample}
+        if options.do_sample:
+            search.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+            if options.seed is not None:
+                search["random_seed"] = options.seed
+        params.set_search_options(**search)
+        start = time.perf_counter()
+        generator = self._og.Generator(self.model, params)
+        generator.append_tokens(prompt_ids)
+        new_ids: list[int] = []
+        ttft = 0.0
+        while not generator.is_done():
+            generator.generate_next_token()
+            new_ids.append(int(generator.get_next_tokens()[0]))
+            if len(new_ids) == 1:
+                ttft = time.perf_counter() - start
+        total = time.perf_counter() - start
+        del generator
+        stopped = bool(new_ids) and new_ids[-1] in self.eos_token_ids
+        text_ids = new_ids[:-1] if stopped else new_ids
+        return Generation(
+            text=self.decode(text_ids),
+            prompt_tokens=len(prompt_ids),
+            new_tokens=len(new_ids),
+            finish_reason="stop" if stopped else "length",
+            ttft_s=ttft,
+            total_s=total,
+        )
+
+    def close(self) -> None:
+        self.tokenizer = None
+        self.model = None
+
+
+def _as_list(value: object) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, list) else [int(str(value))]

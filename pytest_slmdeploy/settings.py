@@ -1,0 +1,140 @@
+"""Settings resolved once from the command line, then ini/pyproject, then defaults."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_slmdeploy.errors import SettingsError
+
+PRECISIONS = ("int4", "int8", "fp32", "fp16")
+BACKENDS = ("ort-genai", "foundry")
+FOUNDRY_MODES = ("auto", "yes", "no")
+CHAT_TEMPLATE_BUILTINS = ("auto", "chatml")
+CACHE_ENV = "SLMDEPLOY_CACHE"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$SLMDEPLOY_CACHE``, else ``$XDG_CACHE_HOME/slmdeploy``, else ``~/.cache/slmdeploy``."""
+    env = os.environ if env is None else env
+    if env.get(CACHE_ENV):
+        return Path(env[CACHE_ENV]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "slmdeploy"
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if it is a safe single folder name for ``custom/<name>/``."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise SettingsError(
+            f"model name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
+            "(no path separators or '..', at most 128 characters), e.g. --slm-name my-model-int4"
+        )
+    return name
+
+
+def default_model_name(model_path: Path, precision: str) -> str:
+    """``<folder name>-<precision>``, reduced to the characters a cache entry may use."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", model_path.resolve().name).strip("-._") or "model"
+    return f"{stem.lower()[:100]}-{precision}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the stages need to know, resolved and checked."""
+
+    model: Path | None
+    precision: str = "int4"
+    cache_dir: Path = Path("~/.cache/slmdeploy")
+    name: str | None = None
+    rebuild: bool = False
+    backend: str = "ort-genai"
+    foundry: str = "auto"
+    chat_template: str = "auto"
+    trust_remote_code: bool = False
+    lock_timeout: float = 1800.0
+    suite: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.model is not None
+
+    @property
+    def model_name(self) -> str:
+        assert self.model is not None
+        return self.name or default_model_name(self.model, self.precision)
+
+
+def _as_bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{key} = {value!r} is not a boolean: use true or false")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SettingsError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def resolve_settings(
+    get: Callable[[str], object | None],
+    *,
+    ini_dir: Path,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from ``get(key)``, which answers CLI-or-ini per ini key.
+
+    Relative paths from ini files are taken relative to ``ini_dir``; the caller
+    resolves command-line paths against the invocation directory before this.
+    """
+
+    def text(key: str, default: str) -> str:
+        value = get(key)
+        return default if value in (None, "") else str(value).strip()
+
+    def path(key: str) -> Path | None:
+        value = get(key)
+        if value in (None, ""):
+            return None
+        candidate = Path(str(value)).expanduser()
+        return candidate if candidate.is_absolute() else (ini_dir / candidate)
+
+    model = path("slm_model")
+    precision = _choice("slm_precision", text("slm_precision", "int4").lower(), PRECISIONS)
+    name_value = get("slm_name")
+    name = check_model_name(str(name_value).strip()) if name_value not in (None, "") else None
+    timeout_text = text("slm_lock_timeout", "1800")
+    try:
+        lock_timeout = float(timeout_text)
+    except ValueError:
+        raise SettingsError(f"slm_lock_timeout = {timeout_text!r} is not a number of seconds") from None
+    if lock_timeout < 0:
+        raise SettingsError(f"slm_lock_timeout = {lock_timeout} must be 0 or more seconds")
+    chat_template = text("slm_chat_template", "auto")
+    if chat_template not in CHAT_TEMPLATE_BUILTINS:
+        template_path = path("slm_chat_template")
+        assert template_path is not None
+        chat_template = str(template_path)
+    return Settings(
+        model=model,
+        precision=precision,
+        cache_dir=path("slm_cache") or default_cache_dir(env),
+        name=name,
+        rebuild=_as_bool("slm_rebuild", get("slm_rebuild") or False),
+        backend=_choice("slm_backend", text("slm_backend", "ort-genai").lower(), BACKENDS),
+        foundry=_choice("slm_foundry", text("slm_foundry", "auto").lower(), FOUNDRY_MODES),
+        chat_template=chat_template,
+        trust_remote_code=_as_bool("slm_trust_remote_code", get("slm_trust_remote_code") or False),
+        lock_timeout=lock_timeout,
+        suite=_as_bool("slm_suite", True if get("slm_suite") is None else get("slm_suite")),
+    )

@@ -1,0 +1,230 @@
+"""Stage 1: validate a Hugging Face model folder, read what the later stages need, fingerprint it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_slmdeploy.errors import SourceError
+
+# Architectures the ModelBuilder of onnxruntime-genai 0.14.1 converts (its `builder.py`);
+# tests/test_source.py checks this list against the installed builder.
+SUPPORTED_ARCHITECTURES = frozenset(
+    {
+        "ChatGLMForConditionalGeneration", "ChatGLMModel", "Ernie4_5ForCausalLM",
+        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
+        "GemmaForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
+        "HunYuanDenseV1ForCausalLM", "InternLM2ForCausalLM", "Lfm2ForCausalLM",
+        "LlamaForCausalLM", "Mistral3ForConditionalGeneration", "MistralForCausalLM",
+        "NemotronForCausalLM", "OlmoForCausalLM", "Phi3ForCausalLM", "Phi3SmallForCausalLM",
+        "Phi3VForCausalLM", "Phi4MMForCausalLM", "PhiForCausalLM", "PhiMoEForCausalLM",
+        "Qwen2ForCausalLM", "Qwen2_5_VLForConditionalGeneration", "Qwen3ForCausalLM",
+        "Qwen3VLForConditionalGeneration", "Qwen3_5ForConditionalGeneration",
+        "Qwen3_5MoeForConditionalGeneration", "SmolLM3ForCausalLM",
+        "VideoChatFlashQwenForCausalLM",
+    }
+)  # fmt: skip
+
+_IGNORED_PARTS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
+_STAT_CACHE_NAME = "fingerprints.json"
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A checked Hugging Face model folder."""
+
+    path: Path
+    config: dict[str, Any]
+    architecture: str
+    weight_files: tuple[str, ...]
+    chat_template: str | None
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+    @property
+    def context_length(self) -> int | None:
+        value = self.config.get("max_position_embeddings")
+        return int(value) if isinstance(value, int) else None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in iter_files(self.path))
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path} cannot be read ({exc}): {what}") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path} must hold a JSON object: {what}")
+    return data
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file's header says how long its data is: a shorter file was truncated."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header longer than file")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError):
+        raise SourceError(
+            f"weights file {path} is damaged or not safetensors: re-save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        ) from None
+    if 8 + header_len + end > size:
+        raise SourceError(
+            f"weights file {path} is truncated: {size} bytes, its header needs {8 + header_len + end}; "
+            "copy the model again"
+        )
+
+
+def _weight_files(path: Path) -> tuple[str, ...]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, "the safetensors shard index").get("weight_map", {})
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        missing = [s for s in shards if not (path / s).is_file()]
+        if not shards or missing:
+            raise SourceError(
+                f"{index} lists weight shards that are missing: {', '.join(missing) or '(none listed)'}"
+            )
+        files = shards
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            if any(path.glob("pytorch_model*.bin")):
+                raise SourceError(
+                    f"{path} has only pytorch_model*.bin weights; save them as safetensors "
+                    "(model.save_pretrained(dir, safe_serialization=True)) so nothing unpickles code"
+                )
+            raise SourceError(f"{path} has no weights: expected model.safetensors (or shards with an index)")
+    for name in files:
+        _check_safetensors(path / name)
+    return tuple(files)
+
+
+def _chat_template(path: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if template is None and (path / "chat_template.json").is_file():
+        template = _read_json(path / "chat_template.json", "the chat template").get("chat_template")
+    if isinstance(template, list):  # named templates: transformers uses "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def inspect_source(path: str | Path, *, trust_remote_code: bool = False) -> SourceModel:
+    """Check that ``path`` is a convertible Hugging Face causal-LM folder, or raise :class:`SourceError`."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise SourceError(f"model folder {folder} does not exist: pass the path of a Hugging Face model folder")
+    if not folder.is_dir():
+        raise SourceError(
+            f"{folder} is a file: --slm-model takes a Hugging Face model folder (config.json, weights, tokenizer)"
+        )
+    folder = folder.resolve()
+    if not any(folder.iterdir()):
+        raise SourceError(f"model folder {folder} is empty: expected config.json, *.safetensors and tokenizer files")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{folder} has no config.json: is it a Hugging Face model folder (save_pretrained)?")
+    config = _read_json(config_path, "the model config")
+    architectures = config.get("architectures") or []
+    architecture = str(architectures[0]) if isinstance(architectures, list) and architectures else ""
+    if not config.get("model_type") or not architecture:
+        raise SourceError(f"{config_path} has no model_type/architectures: it is not a transformers model config")
+    if config.get("auto_map") and not trust_remote_code:
+        raise SourceError(
+            f"{folder} needs its own Python code (config.json auto_map); it is not run unless you trust it: "
+            "pass --slm-trust-remote-code"
+        )
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise SourceError(
+            f"architecture {architecture} ({folder}) is not supported by the ONNX Runtime GenAI model builder; "
+            f"supported include LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, "
+            "Qwen3ForCausalLM, GemmaForCausalLM"
+        )
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        raise SourceError(
+            f"{folder} has no tokenizer (tokenizer.json or tokenizer.model): save it with tokenizer.save_pretrained"
+        )
+    tokenizer_config_path = folder / "tokenizer_config.json"
+    tokenizer_config = (
+        _read_json(tokenizer_config_path, "the tokenizer config") if tokenizer_config_path.is_file() else {}
+    )
+    return SourceModel(
+        path=folder,
+        config=config,
+        architecture=architecture,
+        weight_files=_weight_files(folder),
+        chat_template=_chat_template(folder, tokenizer_config),
+        tokenizer_config=tokenizer_config,
+    )
+
+
+def iter_files(folder: Path) -> Iterator[Path]:
+    """Files of a model folder in a stable order, leaving out VCS and tool caches."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in _IGNORED_PARTS)
+        for name in sorted(files):
+            yield Path(root) / name
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(folder: Path, *, stat_cache_dir: Path | None = None) -> str:
+    """A content hash of the folder; file hashes are reused while (size, mtime) are unchanged.
+
+    The reuse makes a warm run cost one ``stat`` per file; a changed file is hashed again.
+    """
+    cache_file = stat_cache_dir / _STAT_CACHE_NAME if stat_cache_dir else None
+    known: dict[str, Any] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            known = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            known = {}
+    updated = dict(known)
+    total = hashlib.sha256()
+    for file in iter_files(folder):
+        st = file.stat()
+        key = str(file)
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = known.get(key)
+        if isinstance(entry, dict) and entry.get("stat") == stamp:
+            digest = str(entry["sha256"])
+        else:
+            digest = sha256_file(file)
+            updated[key] = {"stat": stamp, "sha256": digest}
+        total.update(f"{file.relative_to(folder).as_posix()}\0{digest}\n".encode())
+    if cache_file is not None and updated != known:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(updated))
+        os.replace(tmp, cache_file)
+    return total.hexdigest()
