@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +208,10 @@ def run_olive(
         olive_logger.addHandler(handler)
         try:
             with _redirect_fds(log_path):
-                _quiet_olive_telemetry()
-                import olive
+                with warnings.catch_warnings():  # Olive's imports warn about their own dependencies
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    _quiet_olive_telemetry()
+                    import olive
 
                 outcome = olive.run(config)
         except Exception as exc:  # Olive raises anything; the user gets one line and the log.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_slmdeploy import build, template
-from pytest_slmdeploy.cache import INFERENCE_MODEL_NAME, Manifest, ModelCache, record_files
+from pytest_slmdeploy.cache import INFERENCE_MODEL_NAME, EntryState, Manifest, ModelCache, record_files
 from pytest_slmdeploy.errors import SourceError
 from pytest_slmdeploy.foundry import inference_model_json
 from pytest_slmdeploy.measure import Stopwatch
@@ -24,7 +24,7 @@ from pytest_slmdeploy.settings import Settings
 from pytest_slmdeploy.source import SourceModel, fingerprint, inspect_source
 
 Progress = Callable[[str], None]
-RecipeHook = Callable[[dict[str, Any]], None]
+RecipeHook = Callable[[dict[str, Any]], dict[str, Any]]
 TOOL_PACKAGES = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch", "pytest-slmdeploy")
 BUILD_SCHEMA = 1
 
@@ -89,13 +89,6 @@ def build_key(fingerprint_: str, precision: str, recipe: dict[str, Any], chat_te
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _recipe(source: SourceModel, precision: str, adjust_recipe: RecipeHook | None) -> dict[str, Any]:
-    config = build.olive_config(source, precision)
-    if adjust_recipe is not None:
-        adjust_recipe(config)
-    return config
-
-
 def _install_files(staging: Path, source: SourceModel, name: str, chat_template: str) -> None:
     """Add what Foundry Local and the runtimes need next to Olive's output."""
     if chat_template != source.chat_template:
@@ -103,10 +96,7 @@ def _install_files(staging: Path, source: SourceModel, name: str, chat_template:
     genai = json.loads((staging / "genai_config.json").read_text())
     generation_path = source.path / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
-    try:
-        parts = template.derive_prompt_template(chat_template, source.tokenizer_config)
-    except template.TemplateError as exc:
-        raise SourceError(f"{source.path}: {exc}") from None
+    parts = template.derive_prompt_template(chat_template, source.tokenizer_config)  # checked in prepare()
     info = inference_model_json(
         name,
         parts,
@@ -117,33 +107,58 @@ def _install_files(staging: Path, source: SourceModel, name: str, chat_template:
     (staging / INFERENCE_MODEL_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
-def deploy(
-    settings: Settings,
-    *,
-    progress: Progress = lambda message: None,
-    adjust_recipe: RecipeHook | None = None,
-) -> Deployment:
-    """Build ``settings.model`` unless an identical build is installed; install it; return where it is."""
-    assert settings.model is not None, "deploy() needs settings.model"
-    watch = Stopwatch()
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before building: checked source, template, recipe, name and build key."""
+
+    settings: Settings
+    source: SourceModel
+    chat_template: str
+    recipe: dict[str, Any]
+    cache: ModelCache
+    source_fingerprint: str
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.settings.model_name
+
+    def state(self) -> EntryState:
+        """Whether the cache already holds this exact build."""
+        return self.cache.check(self.name, self.key)
+
+
+def prepare(settings: Settings, *, adjust_recipe: RecipeHook | None = None) -> Plan:
+    """Check the source and the settings and compute the build key; cheap, never imports Olive."""
+    assert settings.model is not None, "prepare() needs settings.model"
     source = inspect_source(settings.model, trust_remote_code=settings.trust_remote_code)
     chat_template = resolve_chat_template(source, settings.chat_template)
-    template.derive_prompt_template(chat_template, source.tokenizer_config)  # fail before building
-    name = settings.model_name
-    recipe = _recipe(source, settings.precision, adjust_recipe)
+    try:
+        template.derive_prompt_template(chat_template, source.tokenizer_config)
+    except template.TemplateError as exc:
+        raise SourceError(f"{source.path}: {exc}") from None
+    recipe = build.olive_config(source, settings.precision)
+    if adjust_recipe is not None:
+        recipe = adjust_recipe(recipe)
     cache = ModelCache(settings.cache_dir)
     cache.ensure_writable()
     source_fingerprint = fingerprint(source.path, stat_cache_dir=cache.root)
     key = build_key(source_fingerprint, settings.precision, recipe, chat_template)
+    return Plan(settings, source, chat_template, recipe, cache, source_fingerprint, key)
 
-    state = cache.check(name, key)
+
+def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployment:
+    """Build the planned model unless an identical build is installed; install it; say where it is."""
+    watch = Stopwatch()
+    settings, source, cache, name, key = plan.settings, plan.source, plan.cache, plan.name, plan.key
+    state = plan.state()
     if state.usable and not settings.rebuild:
         assert state.manifest is not None
         return Deployment(name, cache.entry_dir(name), state.manifest, True, watch.seconds)
 
     notes: list[str] = []
     with cache.lock(name, settings.lock_timeout, waiting=progress):
-        state = cache.check(name, key)  # another process may have built it while we waited
+        state = plan.state()  # another process may have built it while we waited
         if state.usable and not (settings.rebuild and not _built_since(state.manifest, watch)):
             assert state.manifest is not None
             return Deployment(name, cache.entry_dir(name), state.manifest, True, watch.seconds)
@@ -154,18 +169,17 @@ def deploy(
         staging = cache.new_staging(name)
         work = staging.with_name(staging.name + ".work")
         try:
-            result = build.run_olive(recipe, staging, work, progress=progress)
-            _install_files(staging, source, name, chat_template)
-            log_copy = cache.logs_dir / f"{name}.build.log"
-            shutil.copyfile(result.log_path, log_copy)
+            result = build.run_olive(plan.recipe, staging, work, progress=progress)
+            _install_files(staging, source, name, plan.chat_template)
+            shutil.copyfile(result.log_path, cache.logs_dir / f"{name}.build.log")
             manifest = Manifest(
                 name=name,
                 build_key=key,
                 source_path=str(source.path),
-                source_fingerprint=source_fingerprint,
+                source_fingerprint=plan.source_fingerprint,
                 source_bytes=source.size_bytes,
                 precision=settings.precision,
-                recipe=recipe,
+                recipe=plan.recipe,
                 versions=tool_versions(),
                 build_seconds=round(result.seconds, 3),
                 build_peak_rss_bytes=result.peak_rss_bytes,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pytest_slmdeploy.errors import RuntimeBackendError
 
 # The tutorial's generation settings, used where the model's generation_config.json says nothing.
 TUTORIAL_MODEL_CONFIG: dict[str, float] = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
@@ -72,3 +75,58 @@ class FoundryRegistration:
     model_path: Path
     newly_registered: bool
     sdk_version: str
+
+
+def sdk_available() -> bool:
+    """Whether ``foundry-local-sdk`` is installed (checked without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("foundry_local_sdk") is not None
+
+
+def _manager(cache_root: Path) -> Any:
+    """The SDK's process-wide manager, configured for our cache (re-made if another cache is asked for)."""
+    from foundry_local_sdk import Configuration, FoundryLocalManager
+
+    current = FoundryLocalManager.instance
+    if current is not None and Path(current.config.model_cache_dir or "") == cache_root:
+        return current
+    if current is not None:
+        current.close()
+    state = cache_root / "foundry"
+    FoundryLocalManager.initialize(
+        Configuration(
+            app_name="pytest-slmdeploy",
+            model_cache_dir=str(cache_root),
+            app_data_dir=str(state / "app"),
+            logs_dir=str(state / "logs"),
+            disable_nonessential_telemetry=True,
+        )
+    )
+    return FoundryLocalManager.instance
+
+
+def register(entry_dir: Path, name: str, cache_root: Path) -> tuple[FoundryRegistration, Any]:
+    """Register ``entry_dir`` in Foundry Local's local catalog (idempotent); return it and the SDK model.
+
+    Only the local catalog is used: the public one goes to the network.
+    """
+    from foundry_local_sdk import CatalogType, ModelInfoBuilder
+    from foundry_local_sdk.exception import FoundryLocalException
+
+    model_id = foundry_model_id(name)
+    try:
+        catalog = _manager(cache_root).get_catalog(CatalogType.LOCAL)
+        model = catalog.get_model_variant(model_id)
+        if model is not None and Path(model.get_path()).resolve() != entry_dir.resolve():
+            catalog.unregister_model(model_id)  # the cache moved: point the registration at this entry
+            model = None
+        newly = model is None
+        if model is None:
+            with ModelInfoBuilder() as metadata:
+                metadata.set_string_property("task", "chat-completion")
+                metadata.set_string_property("display_name", name)
+                model = catalog.register_model(model_path=str(entry_dir), model_id=model_id, metadata=metadata)
+    except FoundryLocalException as exc:
+        raise RuntimeBackendError(f"Foundry Local cannot register {entry_dir} as {model_id}: {exc}") from None
+    return FoundryRegistration(model_id, entry_dir, newly, version("foundry-local-sdk")), model

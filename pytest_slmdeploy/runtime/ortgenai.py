@@ -72,7 +72,7 @@ class OrtGenaiBackend:
         return Generation(
             text=self.decode(text_ids),
             prompt_tokens=len(prompt_ids),
-            new_tokens=len(new_ids),
+            new_tokens=len(text_ids),  # the end token is not part of the answer (as Foundry Local counts)
             finish_reason="stop" if stopped else "length",
             ttft_s=ttft,
             total_s=total,
