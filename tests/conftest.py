@@ -1,0 +1,47 @@
+"""Shared fixtures: real tiny models, trained once per test session (seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from pytest_slmdeploy.tinymodel import FAQ, TinyModelSpec, make_tiny_chat_model
+
+
+def _shared_model(tmp_path_factory: pytest.TempPathFactory, name: str, spec: TinyModelSpec) -> Path:
+    """Train once per run, shared by xdist workers (the folder beside the workers' temp roots)."""
+    root = tmp_path_factory.getbasetemp().parent / "slmdeploy-models"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (target / "config.json").is_file():
+            make_tiny_chat_model(target, spec)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen2-shaped chat model (hidden 64, 2 layers) trained to answer the FAQ exactly."""
+    return _shared_model(tmp_path_factory, "faq", TinyModelSpec())
+
+
+@pytest.fixture(scope="session")
+def faq() -> list[tuple[str, str]]:
+    return list(FAQ)
+
+
+@pytest.fixture
+def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny model that a test may damage."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+def read_json(path: Path) -> dict[str, object]:
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
