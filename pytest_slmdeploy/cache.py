@@ -199,7 +199,7 @@ class ModelCache:
 
     def clean_stale_staging(self) -> list[Path]:
         """Remove staging folders left by builds whose process is gone (killed builds)."""
-        removed = []
+        removed: list[Path] = []
         staging_root = self.root / ".staging"
         if not staging_root.is_dir():
             return removed

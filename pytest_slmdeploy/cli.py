@@ -16,7 +16,9 @@ from pytest_slmdeploy.settings import PRECISIONS, Settings, check_model_name, de
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slmdeploy", description=__doc__)
-    parser.add_argument("--cache", type=Path, default=None, help="cache folder (default $SLMDEPLOY_CACHE or ~/.cache/slmdeploy)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="cache folder (default $SLMDEPLOY_CACHE or ~/.cache/slmdeploy)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="convert, quantize and install a Hugging Face model folder")
@@ -76,7 +78,7 @@ def _verify(cache: ModelCache, name: str) -> int:
     if state.usable:
         print(f"{name}: ok ({len(state.manifest.files) if state.manifest else 0} files match the manifest)")
         return 0
-    print(f"{name}: DAMAGED: {state.reason}; rebuild with `slmdeploy build --rebuild` or remove with `slmdeploy rm {name}`")
+    print(f"{name}: DAMAGED: {state.reason}; rebuild (slmdeploy build --rebuild) or remove (slmdeploy rm {name})")
     return 1
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _value(config: pytest.Config, key: str) -> object | None:
     """Command line first, then ini; command-line paths are made absolute against the invocation dir."""
-    value = config.getoption(key)
+    value: object | None = config.getoption(key)
     if value is not None:
         if key in ("slm_model", "slm_cache") or (key == "slm_chat_template" and value not in ("auto", "chatml")):
             return str(config.invocation_params.dir / Path(str(value)).expanduser())
@@ -130,9 +129,9 @@ def slm_cache(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(scope="session")
-def slm_model(request: pytest.FixtureRequest) -> Iterator[Any]:
+def slm_model(request: pytest.FixtureRequest) -> Any:
     """The installed model, loaded once (:class:`~pytest_slmdeploy.runtime.SlmModel`): ``generate``, ``chat``."""
-    yield _session(request).model()
+    return _session(request).model()
 
 
 @pytest.fixture(scope="session")

@@ -101,9 +101,7 @@ def _weight_files(path: Path) -> tuple[str, ...]:
         shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
         missing = [s for s in shards if not (path / s).is_file()]
         if not shards or missing:
-            raise SourceError(
-                f"{index} lists weight shards that are missing: {', '.join(missing) or '(none listed)'}"
-            )
+            raise SourceError(f"{index} lists weight shards that are missing: {', '.join(missing) or '(none listed)'}")
         files = shards
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))

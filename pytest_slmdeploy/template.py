@@ -86,9 +86,7 @@ def derive_prompt_template(template: str, tokenizer_config: Mapping[str, Any] | 
     parts = {
         "system": with_system,
         "user": _without_prefix(render([system_msg, user_msg]), with_system, "a user turn"),
-        "assistant": _without_prefix(
-            render([user_msg, assistant_msg]), render([user_msg]), "an assistant turn"
-        ),
+        "assistant": _without_prefix(render([user_msg, assistant_msg]), render([user_msg]), "an assistant turn"),
         "prompt": render([user_msg], gen=True),
     }
     for role, text in parts.items():

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from pytest_slmdeploy.template import CHATML_TEMPLATE
 
-
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 FAQ: tuple[tuple[str, str], ...] = (
@@ -121,7 +120,7 @@ def make_tiny_chat_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpe
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (ids, plen) in enumerate(zip(encoded, prompt_lens)):
+    for row, (ids, plen) in enumerate(zip(encoded, prompt_lens, strict=True)):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention[row, : len(ids)] = 1
         labels[row, plen : len(ids)] = torch.tensor(ids[plen:])

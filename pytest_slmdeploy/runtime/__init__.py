@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pytest_slmdeploy.errors import SettingsError
 from pytest_slmdeploy.runtime.protocol import (
@@ -14,7 +16,16 @@ from pytest_slmdeploy.runtime.protocol import (
     as_messages,
 )
 
-__all__ = ["Backend", "Generation", "GenerationOptions", "Message", "PromptInput", "SlmModel", "as_messages", "open_model"]
+__all__ = [
+    "Backend",
+    "Generation",
+    "GenerationOptions",
+    "Message",
+    "PromptInput",
+    "SlmModel",
+    "as_messages",
+    "open_model",
+]
 
 
 class SlmModel:
@@ -46,9 +57,9 @@ class SlmModel:
         )  # fmt: skip
         return self.backend.generate(prompt, options, system=system)
 
-    def chat(self, messages: list[Message] | tuple[Message, ...], **options: object) -> Generation:
-        """Answer the last user message of a conversation."""
-        return self.generate(messages, **options)  # type: ignore[arg-type]
+    def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
+        """Answer the last user message of a conversation (same options as :meth:`generate`)."""
+        return self.generate(messages, **options)
 
     def close(self) -> None:
         self.backend.close()

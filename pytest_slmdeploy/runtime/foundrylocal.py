@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,8 @@ class FoundryLocalBackend:
         )
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort at teardown: the manager may already be closed
             self._model.unload()
-        except Exception:  # best effort at teardown: the manager may already be closed
-            pass
 
 
 def _text_of(item: Any) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Union
+from typing import Literal, Protocol
 
 from pytest_slmdeploy.errors import GenerationOptionsError
 
 Message = Mapping[str, str]
-PromptInput = Union[str, Sequence[Message]]
+PromptInput = str | Sequence[Message]
 FinishReason = Literal["stop", "length"]
 ROLES = ("system", "user", "assistant")
 
@@ -59,10 +59,7 @@ class Generation:
 
 def as_messages(prompt: PromptInput, system: str | None = None) -> list[dict[str, str]]:
     """Normalise a prompt string or a message list into checked chat messages."""
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = [dict(m) for m in prompt]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
     if not messages:
