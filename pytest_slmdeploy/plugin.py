@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pytest_slmdeploy import hookspecs
+from pytest_slmdeploy.report import FIGURE_PREFIX
 from pytest_slmdeploy.session import SUITE_PATH, SlmDeploySession
 from pytest_slmdeploy.settings import BACKENDS, FOUNDRY_MODES, PRECISIONS
 
@@ -40,6 +41,8 @@ _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
      {"action": "store_const", "const": True}),
     ("--slm-lock-timeout", "slm_lock_timeout", "string",
      "seconds to wait for another process building the same model (default 1800).", {"metavar": "SECONDS"}),
+    ("--slm-report", "slm_report", "string",
+     "write the checklist results (families, pass/fail, key figures) as JSON to FILE.", {"metavar": "FILE"}),
     ("--slm-suite", "slm_suite", "bool",
      "run the built-in checklist suite (default); --slm-no-suite turns it off.",
      {"action": "store_const", "const": True}),
@@ -64,7 +67,8 @@ def _value(config: pytest.Config, key: str) -> object | None:
     """Command line first, then ini; command-line paths are made absolute against the invocation dir."""
     value: object | None = config.getoption(key)
     if value is not None:
-        if key in ("slm_model", "slm_cache") or (key == "slm_chat_template" and value not in ("auto", "chatml")):
+        is_path = key in ("slm_model", "slm_cache", "slm_report")
+        if is_path or (key == "slm_chat_template" and value not in ("auto", "chatml")):
             return str(config.invocation_params.dir / Path(str(value)).expanduser())
         return value
     ini = config.getini(key)  # None when unset (default=None), so "not set" differs from "false"
@@ -108,6 +112,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def _session(request: pytest.FixtureRequest) -> SlmDeploySession:
     return request.config.stash[_session_key]
+
+
+@pytest.fixture
+def slm_figure(request: pytest.FixtureRequest) -> Any:
+    """``slm_figure(name, value)`` adds a key figure to this test's checklist row (and to JUnit)."""
+
+    def record(name: str, value: object) -> None:
+        request.node.user_properties.append((f"{FIGURE_PREFIX}{name}", value))
+
+    return record
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import SlmDeployError
+from pytest_slmdeploy.report import FAMILY_PROPERTY, RunReport, family_of
 from pytest_slmdeploy.settings import Settings
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
@@ -46,6 +48,7 @@ class SlmDeploySession:
         self._deployment: Deployment | SlmDeployError | None = None
         self._model: Any = None
         self._foundry: Any = None
+        self.report = RunReport()
 
     # -- stages -------------------------------------------------------------------------------
     def check_source(self) -> None:
@@ -146,6 +149,45 @@ class SlmDeploySession:
             f"backend {self.settings.backend}",
         ]
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            family = family_of(m.name for m in item.iter_markers())
+            if family is not None:
+                item.user_properties.append((FAMILY_PROPERTY, family))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.report.record(report.nodeid, report.when, report.outcome, report.user_properties)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self._plan is None or hasattr(self.config, "workerinput"):  # the controller writes the reports
+            return
+        self.report.model = self._model_facts()
+        if self.settings.report is not None:
+            self.settings.report.parent.mkdir(parents=True, exist_ok=True)
+            self.report.write_json(str(self.settings.report))
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as fh:
+                fh.write(self.report.to_markdown())
+
+    def _model_facts(self) -> dict[str, Any]:
+        plan = self._plan
+        assert plan is not None
+        facts: dict[str, Any] = {"name": plan.name, "precision": self.settings.precision}
+        facts["source"] = str(plan.source.path)
+        manifest = plan.state().manifest
+        if manifest is not None:
+            facts.update(
+                size_mb=round(manifest.model_bytes / 1e6, 2),
+                size_ratio=round(manifest.size_ratio, 3),
+                build_s=manifest.build_seconds,
+                build_peak_rss_mb=round(manifest.build_peak_rss_bytes / 1e6),
+                cache="rebuilt" if manifest.created_at >= self.started else "reused",
+                fingerprint=plan.source_fingerprint[:12],
+            )
+        return facts
+
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         if self._plan is None and any(m.name.startswith("slm_") for m in item.iter_markers()):
             pytest.skip(NO_MODEL)
@@ -156,6 +198,8 @@ class SlmDeploySession:
         plan = self._plan
         state = plan.state()
         terminalreporter.section("slmdeploy")
+        for line in self.report.terminal_lines():
+            terminalreporter.write_line(line, red=line.startswith("FAIL"), green=line.startswith("pass"))
         if isinstance(self._deployment, SlmDeployError):
             terminalreporter.write_line(f"deployment FAILED: {self._deployment}", red=True)
             return

@@ -58,6 +58,7 @@ class Settings:
     trust_remote_code: bool = False
     lock_timeout: float = 1800.0
     suite: bool = True
+    report: Path | None = None
 
     @property
     def enabled(self) -> bool:
@@ -137,4 +138,5 @@ def resolve_settings(
         trust_remote_code=_as_bool("slm_trust_remote_code", get("slm_trust_remote_code") or False),
         lock_timeout=lock_timeout,
         suite=_as_bool("slm_suite", True if get("slm_suite") is None else get("slm_suite")),
+        report=path("slm_report"),
     )

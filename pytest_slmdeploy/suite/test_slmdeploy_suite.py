@@ -20,11 +20,10 @@ def test_installed_in_foundry_local_cache(slm_deployment: Any, slm_cache: Any) -
 
 
 @pytest.mark.slm_smoke
-def test_model_loads_and_answers(slm_model: Any, record_property: Any) -> None:
+def test_model_loads_and_answers(slm_model: Any, slm_figure: Any) -> None:
     """The installed model loads in the configured backend and generates."""
     answer = slm_model.generate(SMOKE_PROMPT, max_new_tokens=32)
-    record_property("slm_ttft_s", round(answer.ttft_s, 4))
-    record_property("slm_decode_tokens_per_s", round(answer.decode_tokens_per_s, 1))
+    slm_figure("ttft_s", round(answer.ttft_s, 4))
     assert answer.prompt_tokens > 0
     assert answer.finish_reason in ("stop", "length")
     assert answer.total_s > 0

@@ -1,0 +1,157 @@
+"""Stage 7: the run's checklist, as a terminal table, JSON and Markdown (CI step summary).
+
+Tests tag their report with a family and figures through ``user_properties``
+(``("slm_family", "domain")``, ``("slm:stop rate", "12/12")``), so the
+same numbers reach JUnit XML and survive pytest-xdist, where only reports
+travel from the workers to the controller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILY_PROPERTY = "slm_family"
+FIGURE_PREFIX = "slm:"  # user property "slm:<figure name>" -> value; JUnit shows it as is
+
+# The tutorial's quality checklist, in its order, then the deployment and benchmark families.
+FAMILIES: dict[str, str] = {
+    "smoke": "Installed in the Foundry Local cache, loads and answers",
+    "domain": "1. Answers queries from its fine-tuned domain",
+    "format": "2. Response format matches the expected structure",
+    "memory": "3. No memory leaks during prolonged use",
+    "lengths": "4. Consistent performance across input lengths",
+    "edge": "5. Handles edge cases and invalid input",
+    "benchmark": "Benchmark",
+}
+MARKER_PREFIX = "slm_"
+
+
+def family_of(marker_names: Iterable[str]) -> str | None:
+    """The checklist family of a test, from its ``slm_<family>`` marker."""
+    for name in marker_names:
+        family = name.removeprefix(MARKER_PREFIX)
+        if name.startswith(MARKER_PREFIX) and family in FAMILIES:
+            return family
+    return None
+
+
+@dataclass
+class FamilyResult:
+    """Outcomes and key figures of one checklist family."""
+
+    family: str
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    figures: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return FAMILIES[self.family]
+
+    @property
+    def status(self) -> str:
+        if self.failed:
+            return "FAIL"
+        return "pass" if self.passed else "skipped"
+
+
+@dataclass
+class RunReport:
+    """Everything the checklist table, the JSON report and the Markdown summary show."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    families: dict[str, FamilyResult] = field(default_factory=dict)
+
+    def record(self, nodeid: str, when: str, outcome: str, user_properties: Iterable[tuple[str, Any]]) -> None:
+        """Count one test report (call phase, or a failed/skipped setup) into its family."""
+        props = list(user_properties)
+        family = next((v for k, v in props if k == FAMILY_PROPERTY), None)
+        if family not in FAMILIES:
+            return
+        result = self.families.setdefault(family, FamilyResult(family))
+        for key, value in props:
+            if isinstance(key, str) and key.startswith(FIGURE_PREFIX):
+                result.figures[key.removeprefix(FIGURE_PREFIX)] = value
+        if when == "call" or outcome != "passed":
+            if outcome == "passed":
+                result.passed += 1
+            elif outcome == "failed":
+                result.failed += 1
+                result.failures.append(nodeid)
+            else:
+                result.skipped += 1
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.failed for r in self.families.values())
+
+    def ordered(self) -> list[FamilyResult]:
+        return [self.families[f] for f in FAMILIES if f in self.families]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "ok": self.ok,
+            "families": [
+                {
+                    "family": r.family,
+                    "title": r.title,
+                    "status": r.status,
+                    "passed": r.passed,
+                    "failed": r.failed,
+                    "skipped": r.skipped,
+                    "figures": r.figures,
+                    "failures": r.failures,
+                }
+                for r in self.ordered()
+            ],
+        }
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_json(), fh, indent=2, default=str)
+            fh.write("\n")
+
+    def table_rows(self) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for r in self.ordered():
+            counts = f"{r.passed}/{r.passed + r.failed}" + (f" ({r.skipped} skipped)" if r.skipped else "")
+            figures = ", ".join(f"{k} {_fmt(v)}" for k, v in r.figures.items())
+            rows.append((r.status, r.title, counts, figures))
+        return rows
+
+    def terminal_lines(self) -> list[str]:
+        rows = self.table_rows()
+        if not rows:
+            return []
+        width = max(len(title) for _, title, _, _ in rows)
+        return [
+            f"{status:<7} {title:<{width}}  {counts:<8} {figures}".rstrip() for status, title, counts, figures in rows
+        ]
+
+    def to_markdown(self) -> str:
+        name = self.model.get("name", "model")
+        lines = [
+            f"### pytest-slmdeploy: {name} {'passed' if self.ok else 'FAILED'}",
+            "",
+            "| | checklist item | tests | key figures |",
+            "|---|---|---|---|",
+        ]
+        icons = {"pass": "✅", "FAIL": "❌", "skipped": "⏭️"}
+        for status, title, counts, figures in self.table_rows():
+            lines.append(f"| {icons[status]} | {title} | {counts} | {figures or '-'} |")
+        details = ", ".join(f"{k}: {v}" for k, v in self.model.items() if k != "name")
+        if details:
+            lines += ["", details]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
