@@ -193,12 +193,15 @@ def run_olive(
     output_dir: Path,
     work_dir: Path,
     *,
+    log_path: Path | None = None,
     progress: Progress = lambda message: None,
 ) -> BuildResult:
     """Run an Olive workflow (see :func:`olive_config`) into ``output_dir``; raise :class:`BuildError`."""
     config = {**recipe, "cache_dir": str(work_dir / "olive-cache"), "output_dir": str(output_dir)}
     work_dir.mkdir(parents=True, exist_ok=True)
-    log_path = work_dir / "olive.log"
+    log_path = log_path or work_dir / "olive.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_bytes(b"")  # this build's log only
     passes = " + ".join(p["type"] for p in config["passes"].values())
     progress(f"converting with Olive ({passes})")
     watch = Stopwatch()

@@ -169,9 +169,9 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
         staging = cache.new_staging(name)
         work = staging.with_name(staging.name + ".work")
         try:
-            result = build.run_olive(plan.recipe, staging, work, progress=progress)
+            log_path = cache.logs_dir / f"{name}.build.log"  # kept after a failure: errors point to it
+            result = build.run_olive(plan.recipe, staging, work, log_path=log_path, progress=progress)
             _install_files(staging, source, name, plan.chat_template)
-            shutil.copyfile(result.log_path, cache.logs_dir / f"{name}.build.log")
             manifest = Manifest(
                 name=name,
                 build_key=key,
