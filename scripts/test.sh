@@ -6,6 +6,7 @@ bash scripts/setup-venv.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/mkdocs build --strict --quiet --site-dir .venv/site
 status=0
 .venv/bin/python -m pytest -p no:cacheprovider "$@" || status=$?
 # Exit code 5 means the selection held no tests: not a failure of the code.
