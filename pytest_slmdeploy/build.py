@@ -7,6 +7,8 @@ Olive is imported only here and only when a build really runs, so warm runs
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import logging
 import os
 import shutil
@@ -123,17 +125,29 @@ class _Records(logging.Handler):
 
 
 @contextlib.contextmanager
-def _redirect_fds(log_path: Path) -> Iterator[None]:
-    """Send everything Olive and the model builder print (progress bars included) to a log file."""
+def _output_to_log(log_path: Path) -> Iterator[None]:
+    """Send everything Olive and the model builder print or log (progress bars included) to a log file.
+
+    Three levels, because each tool writes at its own: file descriptors (native code),
+    ``sys.stdout``/``sys.stderr`` (print, tqdm; pytest may have replaced them), and
+    Olive's logger (its handlers hold the stream they were created with).
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with log_path.open("ab") as log:
+    olive_logger = logging.getLogger("olive")
+    with log_path.open("a", encoding="utf-8", errors="replace") as log:
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"))
+        olive_logger.addHandler(handler)
         try:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-            yield
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
         finally:
+            olive_logger.removeHandler(handler)
+            log.flush()
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)
@@ -197,7 +211,8 @@ def run_olive(
     progress: Progress = lambda message: None,
 ) -> BuildResult:
     """Run an Olive workflow (see :func:`olive_config`) into ``output_dir``; raise :class:`BuildError`."""
-    config = {**recipe, "cache_dir": str(work_dir / "olive-cache"), "output_dir": str(output_dir)}
+    # A deep copy: olive.run() rewrites the config it is given, and the recipe goes into the manifest.
+    config = {**copy.deepcopy(recipe), "cache_dir": str(work_dir / "olive-cache"), "output_dir": str(output_dir)}
     work_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_path or work_dir / "olive.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,13 +225,16 @@ def run_olive(
     with PeakRss() as rss, _offline_env(), _ticker(progress, "converting"):
         olive_logger.addHandler(handler)
         try:
-            with _redirect_fds(log_path):
-                with warnings.catch_warnings():  # Olive's imports warn about their own dependencies
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    _quiet_olive_telemetry()
-                    import olive
+            with _output_to_log(log_path), warnings.catch_warnings():
+                # Olive's imports warn about their own dependencies, and it leaves temporary
+                # directories for the garbage collector (a ResourceWarning each): not the user's concern.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", ResourceWarning)
+                _quiet_olive_telemetry()
+                import olive
 
                 outcome = olive.run(config)
+                gc.collect()  # finalize Olive's leftover temporary directories while warnings are ignored
         except Exception as exc:  # Olive raises anything; the user gets one line and the log.
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BuildError(f"Olive failed: {type(exc).__name__}: {first} (full log: {log_path})") from exc

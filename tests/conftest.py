@@ -45,3 +45,16 @@ def read_json(path: Path) -> dict[str, object]:
     data = json.loads(path.read_text())
     assert isinstance(data, dict)
     return data
+
+
+@pytest.fixture(scope="session")
+def warm_cache(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache that already holds the tiny model built at int4 (name ``faq-int4``), for runs that need no build."""
+    from pytest_slmdeploy.deploy import deploy, prepare
+    from pytest_slmdeploy.settings import Settings
+
+    root = tmp_path_factory.getbasetemp().parent / "slmdeploy-warm-cache"
+    with FileLock(str(root) + ".lock"):
+        deploy(prepare(Settings(model=tiny_model, cache_dir=root)))
+    return root
+

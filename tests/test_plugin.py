@@ -1,0 +1,278 @@
+"""The plugin as users meet it: `pytest --slm-model` runs (pytester) with a real tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import read_json
+from pytest_slmdeploy.template import CHATML_TEMPLATE
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+MODULES_PROBE = """
+import json, sys
+def pytest_sessionfinish(session):
+    heavy = [m for m in ("olive", "onnxruntime_genai", "torch", "transformers") if m in sys.modules]
+    with open("imported.json", "w") as fh:
+        json.dump(heavy, fh)
+"""
+
+
+def test_inert_without_a_model(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(MODULES_PROBE)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_plain():
+            assert 1 + 1 == 2
+
+        @pytest.mark.slm_domain
+        def test_needs_model(slm_model):
+            raise AssertionError("must not run")
+        """
+    )
+    result = pytester.runpytest_subprocess("-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*no model to test: pass --slm-model PATH*"])
+    assert json.loads((pytester.path / "imported.json").read_text()) == []
+    assert "slmdeploy:" not in result.stdout.str(), "no header or summary lines without a model"
+    assert "= slmdeploy =" not in result.stdout.str()
+
+
+def test_help_lists_every_option_and_markers(pytester: pytest.Pytester) -> None:
+    from pytest_slmdeploy.plugin import _OPTIONS
+
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(["*small language model deployment (pytest-slmdeploy)*"])
+    text = result.stdout.str()
+    for flag, key, *_ in _OPTIONS:
+        assert flag in text, flag
+        assert re.search(rf"^\s+{key} \(", text, re.M), key
+    assert "--slm-no-suite" in text
+    markers = pytester.runpytest("--markers").stdout.str()
+    for family in ("smoke", "domain", "format", "memory", "lengths", "edge", "benchmark"):
+        assert f"@pytest.mark.slm_{family}:" in markers
+
+
+def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    pytester.makeconftest(MODULES_PROBE)
+    args = ("--slm-model", str(tiny_model), "--slm-cache", str(cache), "-p", "no:cacheprovider")
+
+    cold = pytester.runpytest_subprocess(*args)
+    cold.assert_outcomes(passed=3)
+    cold.stdout.fnmatch_lines(
+        [
+            "slmdeploy: * (Qwen2ForCausalLM) -> faq-int4 [[]int4[]]",
+            "slmdeploy: cache */custom/faq-int4: will build (not installed)",
+            "slmdeploy: converting with Olive (ModelBuilder)",
+            "slmdeploy: installed */custom/faq-int4 *",
+            "pass *Installed in the Foundry Local cache, loads and answers*3/3*",
+            "faq-int4 [[]int4[]]: built in *s (peak RSS * MB)",
+            "*Foundry Local: registered as faq-int4:1*",
+        ]
+    )
+    entry = cache / "custom" / "faq-int4"
+    info = read_json(entry / "inference_model.json")
+    assert info["Name"] == "faq-int4" and info["Version"] == "1" and info["Description"]
+    template = info["PromptTemplate"]
+    assert isinstance(template, dict) and set(template) == {"system", "user", "assistant", "prompt"}
+    assert all("{Content}" in part for part in template.values())
+    assert template["prompt"] == "<|im_start|>user\n{Content}<|im_end|>\n<|im_start|>assistant\n"
+    config = info["ModelConfig"]
+    assert isinstance(config, dict) and set(config) == {"max_length", "temperature", "top_p", "repetition_penalty"}
+    manifest = read_json(entry / "slmdeploy_manifest.json")
+    assert json.loads((pytester.path / "imported.json").read_text())  # the cold run did import Olive
+
+    warm = pytester.runpytest_subprocess(*args)
+    warm.assert_outcomes(passed=3)
+    warm.stdout.fnmatch_lines(
+        ["slmdeploy: cache */custom/faq-int4: installed, up to date", "faq-int4 [[]int4[]]: reused from the cache*"]
+    )
+    assert "converting" not in warm.stdout.str()
+    assert "olive" not in json.loads((pytester.path / "imported.json").read_text())
+    assert read_json(entry / "slmdeploy_manifest.json")["created_at"] == manifest["created_at"]
+
+
+def test_fixtures_answer_the_faq(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, faq: list[tuple[str, str]]
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        FAQ = {faq!r}
+
+        @pytest.mark.parametrize("question,answer", FAQ)
+        def test_generate(slm_model, question, answer):
+            got = slm_model.generate(question, max_new_tokens=48)
+            assert got.text == answer
+            assert got.finish_reason == "stop"
+            assert got.prompt_tokens > 0 and got.new_tokens > 0 and got.ttft_s > 0
+
+        def test_chat_and_fixtures(slm_model, slm_deployment, slm_cache, slm_settings):
+            got = slm_model.chat([{{"role": "user", "content": FAQ[1][0]}}])
+            assert got.text == FAQ[1][1]
+            assert slm_deployment.cache_hit
+            assert slm_deployment.manifest.precision == "int4"
+            assert slm_cache.check(slm_deployment.name).usable
+            assert slm_settings.precision == "int4"
+
+        def test_length_limit(slm_model):
+            got = slm_model.generate(FAQ[0][0], max_new_tokens=3)
+            assert got.finish_reason == "length" and got.new_tokens == 3
+        """
+    )
+    result = pytester.runpytest("--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-no-suite")
+    result.assert_outcomes(passed=len(faq) + 2)
+
+
+def test_foundry_backend_answers_the_faq(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, faq: list[tuple[str, str]]
+) -> None:
+    pytester.makepyfile(
+        f"""
+        FAQ = {faq!r}
+
+        def test_foundry(slm_model):
+            assert slm_model.backend_name == "foundry"
+            for question, answer in FAQ:
+                got = slm_model.generate(question, max_new_tokens=48)
+                assert (got.text, got.finish_reason) == (answer, "stop")
+        """
+    )
+    args = ("--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-backend", "foundry")
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=4)
+    assert (warm_cache / "foundry.local.modelinfo.json").is_file()
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_other_precisions(pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path, precision: str) -> None:
+    question, answer = "Where is the office?", "The office is at 12 Harbour Street."
+    pytester.makepyfile(
+        f"""
+        def test_answer(slm_model, slm_deployment):
+            assert slm_deployment.manifest.precision == "{precision}"
+            assert slm_model.generate({question!r}).text == {answer!r}
+        """
+    )
+    cache = tmp_path / "cache"
+    result = pytester.runpytest_subprocess(
+        "--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-precision", precision, "--slm-no-suite"
+    )
+    result.assert_outcomes(passed=1)
+    assert (cache / "custom" / f"faq-{precision}" / "inference_model.json").is_file()
+
+
+SETTINGS_PROBE = """
+import json
+def test_settings(slm_settings):
+    with open("settings.json", "w") as fh:
+        json.dump({k: str(v) for k, v in vars(slm_settings).items()}, fh)
+"""
+
+
+def test_every_ini_key_and_cli_precedence(pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path) -> None:
+    (pytester.path / "models").mkdir()
+    (pytester.path / "models" / "faq").symlink_to(tiny_model)
+    (pytester.path / "chat.jinja").write_text(CHATML_TEMPLATE)
+    pytester.makepyprojecttoml(
+        """
+        [tool.pytest.ini_options]
+        slm_model = "models/faq"
+        slm_precision = "int8"
+        slm_cache = "the-cache"
+        slm_name = "from-ini"
+        slm_rebuild = true
+        slm_backend = "foundry"
+        slm_foundry = "no"
+        slm_chat_template = "chat.jinja"
+        slm_trust_remote_code = true
+        slm_lock_timeout = "7"
+        slm_report = "out/report.json"
+        slm_suite = false
+        """
+    )
+    pytester.makepyfile(SETTINGS_PROBE)
+    pytester.runpytest().assert_outcomes(passed=1)
+    seen = json.loads((pytester.path / "settings.json").read_text())
+    root = pytester.path
+    assert seen == {
+        "model": str(root / "models/faq"),
+        "precision": "int8",
+        "cache_dir": str(root / "the-cache"),
+        "name": "from-ini",
+        "rebuild": "True",
+        "backend": "foundry",
+        "foundry": "no",
+        "chat_template": str(root / "chat.jinja"),
+        "trust_remote_code": "True",
+        "lock_timeout": "7.0",
+        "suite": "False",
+        "report": str(root / "out/report.json"),
+    }
+    other_cache = tmp_path / "cli-cache"
+    cli = ("--slm-precision", "fp32", "--slm-cache", str(other_cache), "--slm-name", "from-cli", "--slm-backend")
+    pytester.runpytest(*cli, "ort-genai", "--slm-chat-template", "chatml", "--slm-lock-timeout", "3").assert_outcomes(
+        passed=1
+    )
+    seen = json.loads((pytester.path / "settings.json").read_text())
+    assert (seen["precision"], seen["cache_dir"], seen["name"]) == ("fp32", str(other_cache), "from-cli")
+    assert (seen["backend"], seen["chat_template"], seen["lock_timeout"]) == ("ort-genai", "chatml", "3.0")
+
+
+def test_suite_runs_under_xdist_and_builds_once(pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_uses_model(slm_model, slm_deployment, i):
+            assert slm_model.generate("Do you ship abroad?").text == "Yes, we ship to all EU countries."
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--slm-model", str(tiny_model), "--slm-cache", str(cache), "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=7)
+    log = (cache / "logs" / "faq-int4.build.log").read_text()
+    assert log.count("Saving GenAI config") == 1, "more than one worker converted the model"
+    assert not [p for p in (cache / ".staging").iterdir()], "a worker left a staging folder"
+    result.stdout.fnmatch_lines(["pass *Installed in the Foundry Local cache*3/3*"])
+
+
+def test_recipe_hook_changes_the_build(pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    pytester.makepyfile("def test_nothing(slm_deployment):\n    assert not slm_deployment.cache_hit\n")
+    args = ("--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-no-suite")
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    first = read_json(cache / "custom" / "faq-int4" / "slmdeploy_manifest.json")
+    pytester.makeconftest(
+        """
+        def pytest_slmdeploy_recipe(recipe, settings, config):
+            recipe["passes"]["builder"]["int4_block_size"] = 32
+            return recipe
+        """
+    )
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    second = read_json(cache / "custom" / "faq-int4" / "slmdeploy_manifest.json")
+    assert second["build_key"] != first["build_key"]
+    assert second["recipe"]["passes"]["builder"]["int4_block_size"] == 32  # type: ignore[index]
+
+
+def test_junit_and_json_report(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
+    args = ("--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--junitxml=junit.xml")
+    pytester.runpytest(*args, "--slm-report", "report.json").assert_outcomes(passed=3)
+    junit = (pytester.path / "junit.xml").read_text()
+    assert '<property name="slm_family" value="smoke"' in junit
+    assert '<property name="slm:ttft_s"' in junit
+    report = json.loads((pytester.path / "report.json").read_text())
+    assert report["ok"] is True and report["model"]["name"] == "faq-int4"
+    assert [f["family"] for f in report["families"]] == ["smoke"]
