@@ -57,4 +57,3 @@ def warm_cache(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     with FileLock(str(root) + ".lock"):
         deploy(prepare(Settings(model=tiny_model, cache_dir=root)))
     return root
-

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import read_json
+
 from pytest_slmdeploy.template import CHATML_TEMPLATE
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -79,13 +79,17 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
     )
     entry = cache / "custom" / "faq-int4"
     info = read_json(entry / "inference_model.json")
-    assert info["Name"] == "faq-int4" and info["Version"] == "1" and info["Description"]
+    assert info["Name"] == "faq-int4"
+    assert info["Version"] == "1"
+    assert info["Description"]
     template = info["PromptTemplate"]
-    assert isinstance(template, dict) and set(template) == {"system", "user", "assistant", "prompt"}
+    assert isinstance(template, dict)
+    assert set(template) == {"system", "user", "assistant", "prompt"}
     assert all("{Content}" in part for part in template.values())
     assert template["prompt"] == "<|im_start|>user\n{Content}<|im_end|>\n<|im_start|>assistant\n"
     config = info["ModelConfig"]
-    assert isinstance(config, dict) and set(config) == {"max_length", "temperature", "top_p", "repetition_penalty"}
+    assert isinstance(config, dict)
+    assert set(config) == {"max_length", "temperature", "top_p", "repetition_penalty"}
     manifest = read_json(entry / "slmdeploy_manifest.json")
     assert json.loads((pytester.path / "imported.json").read_text())  # the cold run did import Olive
 
@@ -274,5 +278,6 @@ def test_junit_and_json_report(pytester: pytest.Pytester, tiny_model: Path, warm
     assert '<property name="slm_family" value="smoke"' in junit
     assert '<property name="slm:ttft_s"' in junit
     report = json.loads((pytester.path / "report.json").read_text())
-    assert report["ok"] is True and report["model"]["name"] == "faq-int4"
+    assert report["ok"] is True
+    assert report["model"]["name"] == "faq-int4"
     assert [f["family"] for f in report["families"]] == ["smoke"]

@@ -1,0 +1,213 @@
+"""Bad input gets one clear line, no traceback, and nothing half-written in the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+Damage = Callable[[Path], Path]
+
+
+def _break_config(model: Path) -> Path:
+    (model / "config.json").write_text("{not json")
+    return model
+
+
+def _no_config(model: Path) -> Path:
+    (model / "config.json").unlink()
+    return model
+
+
+def _unsupported(model: Path) -> Path:
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _remote_code(model: Path) -> Path:
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _no_tokenizer(model: Path) -> Path:
+    (model / "tokenizer.json").unlink()
+    return model
+
+
+def _no_weights(model: Path) -> Path:
+    (model / "model.safetensors").unlink()
+    return model
+
+
+def _truncated(model: Path) -> Path:
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def _no_chat_template(model: Path) -> Path:
+    (model / "chat_template.jinja").unlink()
+    return model
+
+
+def _a_file(model: Path) -> Path:
+    return model / "config.json"
+
+
+def _missing(model: Path) -> Path:
+    return model / "nowhere"
+
+
+def _empty(model: Path) -> Path:
+    empty = model.parent / "empty"
+    empty.mkdir()
+    return empty
+
+
+CASES: list[tuple[str, Damage, str]] = [
+    ("missing", _missing, "*model folder */nowhere does not exist*"),
+    ("a-file", _a_file, "*config.json is a file: --slm-model takes a Hugging Face model folder*"),
+    ("empty", _empty, "*model folder */empty is empty*"),
+    ("no-config", _no_config, "*has no config.json*"),
+    ("corrupt-config", _break_config, "*config.json is not valid JSON*line 1*"),
+    ("unsupported", _unsupported, "*architecture GPT2LMHeadModel * is not supported by the ONNX Runtime GenAI*"),
+    ("remote-code", _remote_code, "*needs its own Python code (config.json auto_map)*--slm-trust-remote-code*"),
+    ("no-tokenizer", _no_tokenizer, "*has no tokenizer (tokenizer.json or tokenizer.model)*"),
+    ("no-weights", _no_weights, "*has no weights*"),
+    ("truncated", _truncated, "*model.safetensors is truncated*copy the model again*"),
+    ("no-template", _no_chat_template, "*has no chat template*--slm-chat-template chatml*"),
+]
+
+
+def _assert_one_line_error(result: pytest.RunResult, pattern: str, cache: Path) -> None:
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: slmdeploy: {pattern}"])
+    output = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in output
+    assert len([line for line in result.stderr.lines if line.strip()]) == 1, result.stderr.lines
+    assert not list((cache / "custom").glob("*")), "nothing may be installed"
+
+
+@pytest.mark.parametrize(("damage", "pattern"), [(d, p) for _, d, p in CASES], ids=[c[0] for c in CASES])
+def test_bad_model_folder(pytester: pytest.Pytester, model_copy: Path, damage: Damage, pattern: str) -> None:
+    cache = pytester.path / "cache"
+    result = pytester.runpytest("--slm-model", str(damage(model_copy)), "--slm-cache", str(cache))
+    _assert_one_line_error(result, pattern, cache)
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--slm-precision", "fp16"], "*precision fp16 is refused by the CPU execution provider*int4, int8 or fp32*"),
+        (["--slm-name", "../escape"], "*model name '../escape' is not allowed*"),
+        (["--slm-name", "a/b"], "*model name 'a/b' is not allowed*"),
+        (["--slm-lock-timeout", "soon"], "*slm_lock_timeout = 'soon' is not a number of seconds*"),
+    ],
+    ids=["fp16", "dotdot-name", "slash-name", "bad-timeout"],
+)
+def test_bad_options(pytester: pytest.Pytester, tiny_model: Path, args: list[str], pattern: str) -> None:
+    cache = pytester.path / "cache"
+    result = pytester.runpytest("--slm-model", str(tiny_model), "--slm-cache", str(cache), *args)
+    _assert_one_line_error(result, pattern, cache)
+
+
+def test_bad_ini_value(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    pytester.makeini(f"[pytest]\nslm_model = {tiny_model}\nslm_precision = int3\n")
+    result = pytester.runpytest("--slm-cache", str(pytester.path / "cache"))
+    _assert_one_line_error(result, "*slm_precision = 'int3' is not one of int4, int8, fp32, fp16*", pytester.path)
+
+
+def test_cache_not_writable(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    blocker = pytester.path / "a-file"
+    blocker.write_text("not a folder")
+    result = pytester.runpytest("--slm-model", str(tiny_model), "--slm-cache", str(blocker / "cache"))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: slmdeploy: cache folder */a-file/cache is not writable (*--slm-cache DIR*"])
+
+
+def test_chatml_option_makes_a_template_less_model_work(pytester: pytest.Pytester, model_copy: Path) -> None:
+    model = _no_chat_template(model_copy)
+    pytester.makepyfile("def test_a(slm_model):\n    assert slm_model.generate('Where is the office?').text\n")
+    cache = pytester.path / "cache"
+    args = ("--slm-model", str(model), "--slm-cache", str(cache), "--slm-chat-template", "chatml", "--slm-no-suite")
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    assert (cache / "custom" / "model-int4" / "chat_template.jinja").is_file()
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from pytest_slmdeploy.cache import ModelCache
+with ModelCache(Path(sys.argv[1])).lock(sys.argv[2], 60):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_second_run_while_first_builds(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    cache = pytester.path / "cache"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(cache), "faq-int4"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        pytester.makepyfile("def test_a(slm_deployment):\n    pass\n")
+        result = pytester.runpytest(
+            "--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-lock-timeout", "1", "--slm-no-suite"
+        )
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(
+            [f"*another process (pid {holder.pid}) is building 'faq-int4' in *; gave up after 1s (--slm-lock-timeout)*"]
+        )
+        assert "Traceback" not in result.stdout.str()
+        assert not (cache / "custom" / "faq-int4").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_killed_build_leaves_no_entry(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    cache = pytester.path / "cache"
+    pytester.makepyfile("def test_a(slm_deployment):\n    assert slm_deployment.entry_dir.is_dir()\n")
+    args = [sys.executable, "-m", "pytest", "--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-no-suite"]
+    build = subprocess.Popen(args, cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    staging = cache / ".staging"
+    while time.monotonic() < deadline and not (staging.is_dir() and any(staging.iterdir())):
+        if build.poll() is not None:
+            pytest.fail("the build finished before it could be killed")
+        time.sleep(0.05)
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    assert any(staging.iterdir()), "the killed build's staging folder is there"
+    assert not (cache / "custom" / "faq-int4").exists(), "a killed build must not leave an entry"
+
+    result = pytester.runpytest_subprocess("--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-no-suite")
+    result.assert_outcomes(passed=1)
+    assert not [p for p in staging.iterdir()], "the next build removed the dead build's leftovers"
+
+
+def test_changed_entry_is_rebuilt_and_reported(pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    pytester.makepyfile("def test_a(slm_deployment):\n    pass\n")
+    args = ("--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-no-suite")
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    onnx = cache / "custom" / "faq-int4" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"tampered")
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*will build (model.onnx changed since install)*", "*note: rebuilt faq-int4*"])
