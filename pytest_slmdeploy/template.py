@@ -72,22 +72,32 @@ def _without_prefix(text: str, prefix: str, what: str) -> str:
 def derive_prompt_template(template: str, tokenizer_config: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Foundry Local's ``PromptTemplate`` (system/user/assistant/prompt with ``{Content}``).
 
-    Each part is what the template adds for one message, so concatenating parts
-    reproduces the template's own rendering exactly (separators included).
+    ``system`` opens a conversation (with whatever the template puts first, e.g. a BOS
+    text); ``user``, ``assistant`` and ``prompt`` (the last user turn plus the start of
+    the answer) are what the template adds for that message. So a conversation that
+    starts with a system message, filled part by part, is exactly the template's own
+    rendering. Foundry's format has no slot for a template's *default* system prompt:
+    pass a system message where the model relies on one. A template that refuses the
+    system role (Gemma-style) gets a ``system`` part equal to its first user turn.
     """
 
     def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
         return render_chat(template, msgs, add_generation_prompt=gen, tokenizer_config=tokenizer_config)
 
-    system_msg = {"role": "system", "content": _MARK}
     user_msg = {"role": "user", "content": _MARK}
     assistant_msg = {"role": "assistant", "content": _MARK}
-    with_system = render([system_msg])
+    opener = {"role": "system", "content": _MARK}
+    try:
+        first = render([opener])
+    except TemplateError:
+        opener = user_msg
+        first = render([opener])
+    turn = render([opener, user_msg])
     parts = {
-        "system": with_system,
-        "user": _without_prefix(render([system_msg, user_msg]), with_system, "a user turn"),
-        "assistant": _without_prefix(render([user_msg, assistant_msg]), render([user_msg]), "an assistant turn"),
-        "prompt": render([user_msg], gen=True),
+        "system": first,
+        "user": _without_prefix(turn, first, "a user turn"),
+        "assistant": _without_prefix(render([opener, user_msg, assistant_msg]), turn, "an assistant turn"),
+        "prompt": _without_prefix(render([opener, user_msg], gen=True), first, "the last user turn"),
     }
     for role, text in parts.items():
         if text.count(_MARK) != 1:

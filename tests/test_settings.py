@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_slmdeploy.errors import SettingsError
+from pytest_slmdeploy.settings import check_model_name, default_cache_dir, default_model_name, resolve_settings
+
+
+def _resolve(values: dict[str, object], env: dict[str, str] | None = None) -> object:
+    return resolve_settings(values.get, ini_dir=Path("/proj"), env=env or {"XDG_CACHE_HOME": "/xdg"})
+
+
+def test_defaults() -> None:
+    settings = _resolve({})
+    assert settings == resolve_settings({}.get, ini_dir=Path("/proj"), env={"XDG_CACHE_HOME": "/xdg"})
+    assert not settings.enabled  # type: ignore[attr-defined]
+    assert (settings.precision, settings.backend, settings.foundry) == ("int4", "ort-genai", "auto")  # type: ignore[attr-defined]
+    assert (settings.suite, settings.rebuild, settings.trust_remote_code) == (True, False, False)  # type: ignore[attr-defined]
+    assert settings.cache_dir == Path("/xdg/slmdeploy")  # type: ignore[attr-defined]
+
+
+def test_relative_paths_are_taken_from_the_ini_dir() -> None:
+    settings = resolve_settings({"slm_model": "models/m", "slm_cache": "/abs/c"}.get, ini_dir=Path("/proj"))
+    assert settings.model == Path("/proj/models/m")
+    assert settings.cache_dir == Path("/abs/c")
+    assert settings.model_name == "m-int4"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("slm_precision", "int3", "slm_precision = 'int3' is not one of int4, int8, fp32, fp16"),
+        ("slm_backend", "vllm", "slm_backend = 'vllm' is not one of ort-genai, foundry"),
+        ("slm_lock_timeout", "-1", "slm_lock_timeout = -1.0 must be 0 or more seconds"),
+        ("slm_rebuild", "perhaps", "slm_rebuild = 'perhaps' is not a boolean: use true or false"),
+    ],
+)
+def test_bad_values(key: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        _resolve({key: value})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text", ["true", "1", "yes", "on", "TRUE"])
+def test_booleans(text: str) -> None:
+    assert _resolve({"slm_rebuild": text}).rebuild is True  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["a/b", "../x", "..", "a\\b", "", ".hidden", "x" * 129, "a b"])
+def test_unsafe_names_are_refused(name: str) -> None:
+    with pytest.raises(SettingsError, match="is not allowed"):
+        check_model_name(name)
+
+
+def test_default_names_and_cache() -> None:
+    assert default_model_name(Path("/m/My Model (v2)"), "int8") == "my-model-v2-int8"
+    assert check_model_name(default_model_name(Path("/m/.."), "int4"))
+    assert default_cache_dir({"SLMDEPLOY_CACHE": "/c"}) == Path("/c")
+    assert default_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/slmdeploy")
