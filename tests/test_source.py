@@ -14,7 +14,8 @@ def test_reads_the_tiny_model(tiny_model: Path) -> None:
     model = inspect_source(tiny_model)
     assert model.architecture == "Qwen2ForCausalLM"
     assert model.weight_files == ("model.safetensors",)
-    assert model.chat_template is not None and "<|im_start|>" in model.chat_template
+    assert model.chat_template is not None
+    assert "<|im_start|>" in model.chat_template
     assert model.context_length == 512
     assert model.size_bytes > 500_000
 
@@ -23,7 +24,8 @@ def test_supported_architectures_match_the_installed_builder() -> None:
     import importlib.util
 
     spec = importlib.util.find_spec("onnxruntime_genai")
-    assert spec is not None and spec.origin is not None
+    assert spec is not None
+    assert spec.origin is not None
     builder = Path(spec.origin).parent / "models" / "builder.py"
     found = set(re.findall(r'config\.architectures\[0\] == "(\w+)"', builder.read_text()))
     assert found - {"WhisperForConditionalGeneration"} == SUPPORTED_ARCHITECTURES
@@ -42,7 +44,7 @@ def test_trusting_remote_code_is_explicit(model_copy: Path) -> None:
 
 def test_shard_index_naming_a_missing_shard(model_copy: Path) -> None:
     (model_copy / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00002.safetensors"}}')
-    with pytest.raises(SourceError, match="missing: model-00002.safetensors"):
+    with pytest.raises(SourceError, match=r"missing: model-00002\.safetensors"):
         inspect_source(model_copy)
 
 
