@@ -172,6 +172,7 @@ class ModelCache:
     def publish(self, staging: Path, name: str, manifest: Manifest) -> Path:
         """Write the manifest and move ``staging`` into ``custom/<name>``, replacing any old entry."""
         final = self.entry_dir(name)
+        final.parent.mkdir(parents=True, exist_ok=True)
         (staging / MANIFEST_NAME).write_text(manifest.to_json())
         (staging / IN_PROGRESS_MARKER).unlink(missing_ok=True)
         trash = None

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from pytest_slmdeploy.errors import GenerationOptionsError, RuntimeBackendError
+from pytest_slmdeploy.runtime import GenerationOptions, SlmModel, as_messages, open_model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_new_tokens": 0},
+        {"max_new_tokens": -1},
+        {"max_new_tokens": 1.5},
+        {"max_new_tokens": True},
+        {"temperature": 0},
+        {"temperature": -1.0},
+        {"temperature": math.nan},
+        {"temperature": math.inf},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": 0},
+    ],
+)
+def test_invalid_options(options: dict[str, object]) -> None:
+    with pytest.raises(GenerationOptionsError):
+        GenerationOptions(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "messages", [[], [{"role": "robot", "content": "x"}], [{"role": "user"}], [{"role": "assistant", "content": "x"}]]
+)
+def test_invalid_messages(messages: list[dict[str, str]]) -> None:
+    with pytest.raises(GenerationOptionsError):
+        as_messages(messages)
+
+
+@pytest.fixture(scope="module")
+def ort_model(warm_cache: Path) -> SlmModel:
+    return open_model("ort-genai", warm_cache / "custom" / "faq-int4", cache_root=warm_cache, model_name="faq-int4")
+
+
+def test_ort_answers_every_faq_exactly(ort_model: SlmModel, faq: list[tuple[str, str]]) -> None:
+    for question, answer in faq:
+        first = ort_model.generate(question, max_new_tokens=48)
+        assert (first.text, first.finish_reason) == (answer, "stop")
+        assert ort_model.generate(question, max_new_tokens=48).text == first.text  # greedy repeats
+
+
+def test_length_limit_and_counts(ort_model: SlmModel) -> None:
+    answer = ort_model.generate("What are your opening hours?", max_new_tokens=3)
+    assert answer.finish_reason == "length"
+    assert answer.new_tokens == 3
+    assert answer.prompt_tokens > 5
+    assert 0 < answer.ttft_s <= answer.total_s
+
+
+def test_sampling_with_a_seed_repeats(ort_model: SlmModel) -> None:
+    kwargs = {"max_new_tokens": 20, "do_sample": True, "temperature": 1.5, "top_p": 0.95, "seed": 7}
+    assert ort_model.generate("Hello", **kwargs).text == ort_model.generate("Hello", **kwargs).text  # type: ignore[arg-type]
+
+
+def test_prompt_longer_than_the_context(ort_model: SlmModel) -> None:
+    with pytest.raises(RuntimeBackendError, match=r"prompt is \d+ tokens; the model's context is 512"):
+        ort_model.generate("word " * 600)
+
+
+def test_foundry_local_gives_the_same_answers(
+    ort_model: SlmModel, warm_cache: Path, faq: list[tuple[str, str]]
+) -> None:
+    foundry = open_model("foundry", warm_cache / "custom" / "faq-int4", cache_root=warm_cache, model_name="faq-int4")
+    try:
+        for question, answer in faq:
+            got = foundry.generate(question, max_new_tokens=48)
+            assert (got.text, got.finish_reason) == (answer, "stop")
+            assert got.new_tokens == ort_model.generate(question, max_new_tokens=48).new_tokens
+    finally:
+        foundry.close()
