@@ -7,6 +7,7 @@ network and is never touched: models are registered from the local cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ def sdk_available() -> bool:
 
 def _manager(cache_root: Path) -> Any:
     """The SDK's process-wide manager, configured for our cache (re-made if another cache is asked for)."""
+    # The SDK loads its own ONNX Runtime GenAI core (0.18); importing onnxruntime_genai (0.14) after it
+    # fails on an unresolved symbol, while the other order works. Load ours first.
+    with contextlib.suppress(ImportError):
+        import onnxruntime_genai  # noqa: F401
     from foundry_local_sdk import Configuration, FoundryLocalManager
 
     current = FoundryLocalManager.instance
@@ -104,6 +109,16 @@ def _manager(cache_root: Path) -> Any:
         )
     )
     return FoundryLocalManager.instance
+
+
+def close_manager() -> None:
+    """Shut the SDK's manager down (unloads models), if this process started one."""
+    import sys
+
+    sdk = sys.modules.get("foundry_local_sdk")
+    manager = getattr(getattr(sdk, "FoundryLocalManager", None), "instance", None)
+    if manager is not None:
+        manager.close()
 
 
 def register(entry_dir: Path, name: str, cache_root: Path) -> tuple[FoundryRegistration, Any]:

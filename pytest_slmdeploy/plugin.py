@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from pytest_slmdeploy import hookspecs
+from pytest_slmdeploy.items import DEFAULT_CASE_PATTERNS, CaseFile, is_case_file, model_case_files
 from pytest_slmdeploy.report import FIGURE_PREFIX
 from pytest_slmdeploy.session import SUITE_PATH, SlmDeploySession
-from pytest_slmdeploy.settings import BACKENDS, FOUNDRY_MODES, PRECISIONS
+from pytest_slmdeploy.settings import BACKENDS, FOUNDRY_MODES, LIMITS, PRECISIONS
 
 _session_key = pytest.StashKey[SlmDeploySession]()
 
@@ -61,11 +62,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--slm-no-suite", dest="slm_suite", action="store_const", const=False, help="do not run the built-in suite."
     )
+    parser.addini(
+        "slm_case_files",
+        help="glob patterns of domain case files to collect (default: slm_cases*.yaml/yml/toml)",
+        type="args",
+        default=list(DEFAULT_CASE_PATTERNS),
+    )
+    for key, (default, help_text) in LIMITS.items():
+        parser.addini(f"slm_{key}", help=f"checklist: {help_text} (default {default:g})", default=None)
 
 
 def _value(config: pytest.Config, key: str) -> object | None:
     """Command line first, then ini; command-line paths are made absolute against the invocation dir."""
-    value: object | None = config.getoption(key)
+    value: object | None = config.getoption(key, None)
     if value is not None:
         is_path = key in ("slm_model", "slm_cache", "slm_report")
         if is_path or (key == "slm_chat_template" and value not in ("auto", "chatml")):
@@ -97,9 +106,29 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     slm = config.stash.get(_session_key, None)
     if slm is None or not (slm.settings.enabled and slm.settings.suite):
         return
-    # The suite lives in site-packages; a fixed node id keeps it readable ("slmdeploy::test_...").
+    # The suite lives in site-packages; fixed node ids keep it readable ("slmdeploy::test_...").
     module = pytest.Module.from_parent(session, path=SUITE_PATH, nodeid="slmdeploy")
     items.extend(session.genitems(module))
+    for path in model_case_files(slm.plan.source.path):
+        items.extend(session.genitems(CaseFile.from_parent(session, path=path, nodeid=f"slmdeploy-model/{path.name}")))
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> CaseFile | None:
+    if not is_case_file(file_path, parent.config.getini("slm_case_files")):
+        return None
+    slm = parent.config.stash.get(_session_key, None)
+    if (
+        slm is not None
+        and slm.settings.model is not None
+        and file_path.resolve().parent == slm.settings.model.resolve()
+    ):
+        return None  # the model's own cases run with the built-in suite
+    return CaseFile.from_parent(parent, path=file_path)
+
+
+def slm_session(config: pytest.Config) -> SlmDeploySession:
+    """The run's :class:`SlmDeploySession` (for plugins and the plugin's own test items)."""
+    return config.stash[_session_key]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -111,7 +140,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _session(request: pytest.FixtureRequest) -> SlmDeploySession:
-    return request.config.stash[_session_key]
+    return slm_session(request.config)
 
 
 @pytest.fixture
@@ -122,6 +151,21 @@ def slm_figure(request: pytest.FixtureRequest) -> Any:
         request.node.user_properties.append((f"{FIGURE_PREFIX}{name}", value))
 
     return record
+
+
+@pytest.fixture
+def slm_limits(request: pytest.FixtureRequest) -> dict[str, float]:
+    """Checklist limits for this test: ini values, overridden by its ``slm_<family>(key=value)`` marker keywords."""
+    limits = dict(_session(request).settings.limits)
+    for marker in reversed(list(request.node.iter_markers())):
+        if marker.name.startswith("slm_"):
+            family = marker.name.removeprefix("slm_")
+            for key, value in marker.kwargs.items():
+                name = key if key in limits else f"{family}_{key}"
+                if name not in limits:
+                    raise pytest.UsageError(f"@pytest.mark.{marker.name}({key}=...): unknown limit; see slm_* ini keys")
+                limits[name] = float(value)
+    return limits
 
 
 @pytest.fixture(scope="session")

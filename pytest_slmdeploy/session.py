@@ -118,6 +118,10 @@ class SlmDeploySession:
         for model in (self._foundry, self._model):
             if model is not None:
                 model.close()
+        if self._foundry is not None or self.settings.backend == "foundry":
+            from pytest_slmdeploy.foundry import close_manager
+
+            close_manager()
         self._model = self._foundry = None
 
     def progress(self, message: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_slmdeploy.errors import SettingsError
@@ -43,6 +43,27 @@ def default_model_name(model_path: Path, precision: str) -> str:
     return f"{stem.lower()[:100]}-{precision}"
 
 
+# Checklist limits: ini key suffix -> (default, help). A healthy model passes the defaults; each can
+# also be set per test with marker keywords, e.g. @pytest.mark.slm_memory(max_mb_per_1k=5).
+LIMITS: dict[str, tuple[float, str]] = {
+    "format_min_stop_rate": (0.9, "share of answers that must end by themselves (finish reason stop)"),
+    "format_max_new_tokens": (128, "token limit per answer in the format checks"),
+    "memory_generations": (300, "generations in the memory soak (after warm-up)"),
+    "memory_warmup": (20, "generations before the soak starts measuring"),
+    "memory_seconds": (60, "time budget of the soak in seconds"),
+    "memory_max_mb_per_1k": (8.0, "allowed RSS growth in MB per 1,000 generations (robust slope)"),
+    "memory_load_cycles": (6, "load/unload cycles in the reload check"),
+    "memory_max_mb_per_load": (8.0, "allowed RSS growth in MB per load/unload cycle"),
+    "lengths_points": (4, "prompt lengths tried, from 16 tokens up to the context"),
+    "lengths_max_tokens": (1024, "longest prompt tried, in tokens (capped by the context)"),
+    "lengths_ttft_tolerance": (1.0, "TTFT may grow up to linear x (1 + this) with prompt length"),
+    "lengths_ttft_slack_ms": (20.0, "absolute TTFT slack in ms for timer noise on tiny models"),
+    "lengths_decode_band": (0.5, "decode tok/s at the longest prompt may fall by at most this share"),
+    "lengths_decode_slack_ms": (0.5, "absolute slack in ms per decoded token for timer noise on tiny models"),
+    "edge_examples": (40, "hypothesis examples of unusual prompts"),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the stages need to know, resolved and checked."""
@@ -59,6 +80,7 @@ class Settings:
     lock_timeout: float = 1800.0
     suite: bool = True
     report: Path | None = None
+    limits: Mapping[str, float] = field(default_factory=lambda: {k: v for k, (v, _) in LIMITS.items()})
 
     @property
     def enabled(self) -> bool:
@@ -139,4 +161,17 @@ def resolve_settings(
         lock_timeout=lock_timeout,
         suite=_as_bool("slm_suite", True if get("slm_suite") is None else get("slm_suite")),
         report=path("slm_report"),
+        limits={key: _number(f"slm_{key}", get(f"slm_{key}"), default) for key, (default, _) in LIMITS.items()},
     )
+
+
+def _number(key: str, value: object | None, default: float) -> float:
+    if value in (None, ""):
+        return default
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise SettingsError(f"{key} = {value!r} is not a number") from None
+    if number < 0:
+        raise SettingsError(f"{key} = {number:g} must be 0 or more")
+    return number

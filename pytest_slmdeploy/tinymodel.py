@@ -138,7 +138,19 @@ def make_tiny_chat_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpe
     model.generation_config.pad_token_id = pad_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "slmdeploy_faq.json").write_text(
-        json.dumps([{"prompt": q, "answer": a} for q, a in spec.pairs], indent=2) + "\n"
-    )
+    write_cases(out / "slm_cases.yaml", spec.pairs)
     return out
+
+
+def write_cases(path: Path, pairs: Sequence[tuple[str, str]]) -> Path:
+    """The model's own evaluation set as a case file: each question must get exactly its answer."""
+    import yaml
+
+    cases = []
+    for question, answer in pairs:
+        expect: dict[str, object] = {"equals": answer, "finish-reason": "stop"}
+        if answer.startswith("{"):
+            expect["is-json"] = {"schema": {"type": "object", "required": list(json.loads(answer))}}
+        cases.append({"id": question.rstrip("?.").lower().replace(" ", "-"), "prompt": question, "expect": expect})
+    path.write_text(yaml.safe_dump({"defaults": {"max_tokens": 48}, "cases": cases}, sort_keys=False, width=120))
+    return path

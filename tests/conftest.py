@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
+from pytest_slmdeploy import tinymodel
 from pytest_slmdeploy.tinymodel import FAQ, TinyModelSpec, make_tiny_chat_model
 
 
@@ -15,8 +17,11 @@ def _shared_model(tmp_path_factory: pytest.TempPathFactory, name: str, spec: Tin
     """Train once per run, shared by xdist workers (the folder beside the workers' temp roots)."""
     root = tmp_path_factory.getbasetemp().parent / "slmdeploy-models"
     root.mkdir(parents=True, exist_ok=True)
-    target = root / name
-    with FileLock(str(root / f"{name}.lock")):
+    # Keyed on the recipe, so a model trained by older code in an earlier run is not reused.
+    recipe = repr(spec) + Path(tinymodel.__file__).read_text()
+    target = root / name / hashlib.sha256(recipe.encode()).hexdigest()[:12] / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
         if not (target / "config.json").is_file():
             make_tiny_chat_model(target, spec)
     return target

@@ -100,7 +100,7 @@ def test_lock_held_by_another_process(tmp_path: Path) -> None:
         assert "--slm-lock-timeout" in str(info.value)
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()  # waits and closes the pipe
     with ModelCache(tmp_path).lock("m", 5):
         pass  # free again once the holder is gone
 

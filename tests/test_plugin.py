@@ -10,8 +10,10 @@ import pytest
 from conftest import read_json
 
 from pytest_slmdeploy.template import CHATML_TEMPLATE
+from pytest_slmdeploy.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+SUITE_TESTS = 12  # the built-in suite's own tests; the model's slm_cases.yaml adds one per FAQ entry
 
 MODULES_PROBE = """
 import json, sys
@@ -65,7 +67,7 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
     args = ("--slm-model", str(tiny_model), "--slm-cache", str(cache), "-p", "no:cacheprovider")
 
     cold = pytester.runpytest_subprocess(*args)
-    cold.assert_outcomes(passed=3)
+    cold.assert_outcomes(passed=SUITE_TESTS + len(FAQ))
     cold.stdout.fnmatch_lines(
         [
             "slmdeploy: * (Qwen2ForCausalLM) -> faq-int4 [[]int4[]]",
@@ -94,7 +96,7 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
     assert json.loads((pytester.path / "imported.json").read_text())  # the cold run did import Olive
 
     warm = pytester.runpytest_subprocess(*args)
-    warm.assert_outcomes(passed=3)
+    warm.assert_outcomes(passed=SUITE_TESTS + len(FAQ))
     warm.stdout.fnmatch_lines(
         ["slmdeploy: cache */custom/faq-int4: installed, up to date", "faq-int4 [[]int4[]]: reused from the cache*"]
     )
@@ -151,8 +153,8 @@ def test_foundry_backend_answers_the_faq(
         """
     )
     args = ("--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-backend", "foundry")
-    result = pytester.runpytest_subprocess(*args)
-    result.assert_outcomes(passed=4)
+    result = pytester.runpytest_subprocess(*args, "--slm-no-suite")
+    result.assert_outcomes(passed=1)
     assert (warm_cache / "foundry.local.modelinfo.json").is_file()
 
 
@@ -201,12 +203,18 @@ def test_every_ini_key_and_cli_precedence(pytester: pytest.Pytester, tiny_model:
         slm_lock_timeout = "7"
         slm_report = "out/report.json"
         slm_suite = false
+        slm_memory_generations = "50"
+        slm_lengths_decode_band = "0.25"
         """
     )
     pytester.makepyfile(SETTINGS_PROBE)
     pytester.runpytest().assert_outcomes(passed=1)
     seen = json.loads((pytester.path / "settings.json").read_text())
     root = pytester.path
+    limits = seen.pop("limits")
+    assert "'memory_generations': 50.0" in limits
+    assert "'lengths_decode_band': 0.25" in limits
+    assert "'memory_max_mb_per_1k': 8.0" in limits  # not set: the default
     assert seen == {
         "model": str(root / "models/faq"),
         "precision": "int8",
@@ -245,7 +253,7 @@ def test_suite_runs_under_xdist_and_builds_once(pytester: pytest.Pytester, tiny_
     result = pytester.runpytest_subprocess(
         "-n", "2", "--slm-model", str(tiny_model), "--slm-cache", str(cache), "-p", "no:cacheprovider"
     )
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=4 + SUITE_TESTS + len(FAQ))
     log = (cache / "logs" / "faq-int4.build.log").read_text()
     assert log.count("Saving GenAI config") == 1, "more than one worker converted the model"
     assert not [p for p in (cache / ".staging").iterdir()], "a worker left a staging folder"
@@ -273,11 +281,13 @@ def test_recipe_hook_changes_the_build(pytester: pytest.Pytester, tiny_model: Pa
 
 def test_junit_and_json_report(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
     args = ("--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--junitxml=junit.xml")
-    pytester.runpytest(*args, "--slm-report", "report.json").assert_outcomes(passed=3)
+    pytester.runpytest(*args, "--slm-report", "report.json").assert_outcomes(passed=SUITE_TESTS + len(FAQ))
     junit = (pytester.path / "junit.xml").read_text()
     assert '<property name="slm_family" value="smoke"' in junit
     assert '<property name="slm:ttft_s"' in junit
     report = json.loads((pytester.path / "report.json").read_text())
     assert report["ok"] is True
     assert report["model"]["name"] == "faq-int4"
-    assert [f["family"] for f in report["families"]] == ["smoke"]
+    assert [f["family"] for f in report["families"]] == ["smoke", "domain", "format", "memory", "lengths", "edge"]
+    assert all(f["status"] == "pass" for f in report["families"])
+    assert report["families"][1]["passed"] == len(FAQ) + 1

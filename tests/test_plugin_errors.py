@@ -176,7 +176,7 @@ def test_second_run_while_first_builds(pytester: pytest.Pytester, tiny_model: Pa
         assert not (cache / "custom" / "faq-int4").exists()
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()  # waits and closes the pipe
 
 
 def test_killed_build_leaves_no_entry(pytester: pytest.Pytester, tiny_model: Path) -> None:

@@ -76,6 +76,7 @@ class OrtGenaiBackend:
             finish_reason="stop" if stopped else "length",
             ttft_s=ttft,
             total_s=total,
+            token_ids=tuple(text_ids),
         )
 
     def close(self) -> None:

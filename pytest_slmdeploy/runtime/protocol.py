@@ -49,6 +49,7 @@ class Generation:
     finish_reason: FinishReason
     ttft_s: float
     total_s: float
+    token_ids: tuple[int, ...] = ()  # the answer's token ids where the backend exposes them (ORT GenAI)
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -1,16 +1,35 @@
-"""The built-in suite, collected when ``--slm-model`` is set (turn off with ``--slm-no-suite``)."""
+"""The built-in suite, collected when ``--slm-model`` is set (turn off with ``--slm-no-suite``).
+
+One test per claim of the tutorial's checklist; limits come from ``slm_*`` ini keys
+(see ``pytest --help``) and marker keywords.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from pytest_slmdeploy.checklist import edge, lengths, memory
+from pytest_slmdeploy.checklist import format as fmt
+from pytest_slmdeploy.errors import RuntimeBackendError
 from pytest_slmdeploy.foundry import is_foundry_entry
 
 SMOKE_PROMPT = "Hello"
 
 
+def _domain_prompts(request: pytest.FixtureRequest, limit: int = 16) -> list[str]:
+    """User prompts of the domain cases collected in this run (the model's own domain)."""
+    prompts = []
+    for item in request.session.items:
+        case = getattr(item, "case", None)
+        if case is not None and len(case.messages) == 1:
+            prompts.append(case.messages[0]["content"])
+    return prompts[:limit]
+
+
+# -- deployment ---------------------------------------------------------------------------------
 @pytest.mark.slm_smoke
 def test_installed_in_foundry_local_cache(slm_deployment: Any, slm_cache: Any) -> None:
     """The entry is what Foundry Local's scanner accepts, and no file changed since install."""
@@ -37,3 +56,162 @@ def test_foundry_local_loads_and_answers(slm_foundry_model: Any, slm_deployment:
     answer = slm_foundry_model.generate(SMOKE_PROMPT, max_new_tokens=32)
     assert answer.prompt_tokens > 0, "Foundry Local did not read the prompt"
     assert answer.finish_reason in ("stop", "length")
+
+
+# -- 1. domain -----------------------------------------------------------------------------------
+@pytest.mark.slm_domain
+def test_domain_cases_exist(request: pytest.FixtureRequest, slm_deployment: Any) -> None:
+    """Domain answers are checked by case files; without any, say how to add them."""
+    if not any(getattr(item, "case", None) for item in request.session.items):
+        pytest.skip(
+            "no domain cases: put slm_cases.yaml in the model folder or slm_cases*.yaml among your tests "
+            "(see docs/checklist.md)"
+        )
+
+
+# -- 2. format -----------------------------------------------------------------------------------
+@pytest.mark.slm_format
+def test_answers_stop_and_are_clean(
+    request: pytest.FixtureRequest, slm_model: Any, slm_deployment: Any, slm_limits: dict[str, float], slm_figure: Any
+) -> None:
+    """Answers end because the model stopped, leak no special/template tokens, are non-empty UTF-8, do not loop."""
+    special = fmt.SpecialTokens.from_model_dir(slm_deployment.entry_dir)
+    prompts = [*_domain_prompts(request), *fmt.GENERIC_PROMPTS]
+    max_new = int(slm_limits["format_max_new_tokens"])
+    results = [
+        fmt.check_format(p, slm_model.generate(p, max_new_tokens=max_new), special, require_stop=False) for p in prompts
+    ]
+    rate = fmt.stop_rate(results)
+    slm_figure("stop rate", f"{sum(r.generation.finish_reason == 'stop' for r in results)}/{len(results)}")
+    problems = [r.explain() for r in results if not r.passed]
+    assert not problems, "format problems:\n" + "\n".join(problems)
+    assert rate >= slm_limits["format_min_stop_rate"], (
+        f"only {rate:.0%} of answers stopped by themselves (limit {slm_limits['format_min_stop_rate']:.0%}): "
+        + "; ".join(
+            f"{r.prompt!r} -> {r.generation.text[:60]!r}" for r in results if r.generation.finish_reason != "stop"
+        )
+    )
+
+
+@pytest.mark.slm_format
+def test_prompt_template_matches_the_model(slm_model: Any, slm_deployment: Any) -> None:
+    """inference_model.json's PromptTemplate gives the same prompt tokens as the model's own chat template."""
+    backend = slm_model.backend
+    if not hasattr(backend, "encode"):
+        pytest.skip("comparing prompt tokens needs the ort-genai backend")
+    parts = json.loads((slm_deployment.entry_dir / "inference_model.json").read_text())["PromptTemplate"]
+    conversations = [
+        [{"role": "system", "content": "You are a support assistant."}, {"role": "user", "content": "Hello there"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "First question?"},
+            {"role": "assistant", "content": "First answer."},
+            {"role": "user", "content": "Second question?"},
+        ],
+    ]
+    mismatches = fmt.prompt_template_mismatches(parts, conversations, backend.render, backend.encode)
+    assert not mismatches, "PromptTemplate renders other tokens than the chat template:\n" + "\n".join(mismatches)
+
+
+# -- 3. memory -----------------------------------------------------------------------------------
+@pytest.mark.slm_memory
+def test_no_leak_over_many_generations(
+    request: pytest.FixtureRequest, slm_model: Any, slm_limits: dict[str, float], slm_figure: Any
+) -> None:
+    """RSS has no upward trend over a soak of generations, measured after warm-up."""
+    prompts = [*_domain_prompts(request), *fmt.GENERIC_PROMPTS]
+    result = memory.soak(
+        lambda i: slm_model.generate(prompts[i % len(prompts)], max_new_tokens=32),
+        steps=int(slm_limits["memory_generations"]),
+        warmup=int(slm_limits["memory_warmup"]),
+        time_budget_s=slm_limits["memory_seconds"],
+        what="generation soak",
+    )
+    slm_figure("leak MB/1k generations", round(result.mb_per_1k, 3))
+    slm_figure("generations", result.steps - 1)
+    assert result.mb_per_1k <= slm_limits["memory_max_mb_per_1k"], result.explain(slm_limits["memory_max_mb_per_1k"])
+
+
+@pytest.mark.slm_memory
+def test_no_leak_over_load_unload(slm_deployment: Any, slm_settings: Any, slm_limits: dict[str, float]) -> None:
+    """Loading and closing the model again and again does not grow RSS."""
+    from pytest_slmdeploy.runtime import open_model
+
+    def cycle(_: int) -> None:
+        model = open_model("ort-genai", slm_deployment.entry_dir, cache_root=slm_settings.cache_dir,
+                           model_name=slm_deployment.name)  # fmt: skip
+        model.generate(SMOKE_PROMPT, max_new_tokens=4)
+        model.close()
+
+    result = memory.soak(cycle, steps=int(slm_limits["memory_load_cycles"]), warmup=2,
+                         time_budget_s=slm_limits["memory_seconds"], what="load/unload", per="cycle")  # fmt: skip
+    limit = slm_limits["memory_max_mb_per_load"]
+    assert result.bytes_per_step / 1e6 <= limit, (
+        f"load/unload: RSS grows {result.bytes_per_step / 1e6:.2f} MB per cycle (limit {limit:g}); "
+        f"{result.rss[0] / 1e6:.1f} -> {result.rss[-1] / 1e6:.1f} MB over {result.steps - 1} cycles"
+    )
+
+
+# -- 4. input lengths ----------------------------------------------------------------------------
+@pytest.mark.slm_lengths
+def test_every_length_works_and_scales(slm_model: Any, slm_limits: dict[str, float], slm_figure: Any) -> None:
+    """Prompts from a few tokens up to the context all work; TTFT grows at most linearly; decode speed holds."""
+    backend = slm_model.backend
+    context = getattr(backend, "context_length", None)
+    if context is None or not hasattr(backend, "encode"):
+        pytest.skip("measuring prompt lengths needs the ort-genai backend")
+    targets = lengths.sweep_lengths(context, max_tokens=int(slm_limits["lengths_max_tokens"]),
+                                    points=int(slm_limits["lengths_points"]))  # fmt: skip
+    points = []
+    for target in targets:
+        prompt = lengths.prompt_of_tokens(target, lambda text: len(backend.encode(backend.render(text))))
+        points.append(lengths.measure(lambda p: slm_model.generate(p, max_new_tokens=16), prompt, repeats=3))
+    slm_figure("TTFT ms by length", ", ".join(f"{p.prompt_tokens}:{p.ttft_s * 1000:.1f}" for p in points))
+    verdict = lengths.judge(
+        points,
+        ttft_tolerance=slm_limits["lengths_ttft_tolerance"],
+        ttft_slack_s=slm_limits["lengths_ttft_slack_ms"] / 1000,
+        decode_band=slm_limits["lengths_decode_band"],
+        decode_slack_s=slm_limits["lengths_decode_slack_ms"] / 1000,
+    )
+    assert verdict.passed, "; ".join(verdict.problems)
+
+
+@pytest.mark.slm_lengths
+def test_prompt_longer_than_the_context_is_a_clear_error(slm_model: Any) -> None:
+    """A prompt over the context is refused with a clear error (documented behaviour), never a crash."""
+    context = getattr(slm_model.backend, "context_length", None)
+    if context is None:
+        pytest.skip("the context length is known with the ort-genai backend")
+    with pytest.raises(RuntimeBackendError, match="the model's context is"):
+        slm_model.generate("word " * (context + 8), max_new_tokens=4)
+
+
+# -- 5. edge cases -------------------------------------------------------------------------------
+@pytest.mark.slm_edge
+def test_unusual_prompts_never_crash(
+    slm_model: Any, slm_deployment: Any, slm_limits: dict[str, float], slm_figure: Any
+) -> None:
+    """Hypothesis-generated prompts (empty, whitespace, unicode, emoji, RTL, control chars, NUL, template tokens)."""
+    from hypothesis import HealthCheck, given, settings
+
+    special = fmt.SpecialTokens.from_model_dir(slm_deployment.entry_dir)
+    tried: list[edge.EdgeOutcome] = []
+
+    @settings(max_examples=int(slm_limits["edge_examples"]), derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(prompt=edge.prompts_strategy(special.texts, max_chars=400))
+    def check(prompt: str) -> None:
+        tried.append(edge.survive(slm_model.generate, prompt, max_new_tokens=8))
+
+    check()
+    slm_figure("edge cases tried", len(tried))
+    slm_figure("clear errors", sum(o.error is not None for o in tried))
+    assert tried
+
+
+@pytest.mark.slm_edge
+def test_invalid_settings_are_refused(slm_model: Any) -> None:
+    """Zero/negative token limits and out-of-range sampling settings get a clear GenerationOptionsError."""
+    accepted = [problem for options in edge.INVALID_OPTIONS if (problem := edge.refuses(slm_model.generate, options))]
+    assert not accepted, "invalid settings were not refused: " + "; ".join(accepted)

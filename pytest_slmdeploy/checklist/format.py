@@ -1,0 +1,110 @@
+"""Checklist item 2: the answer's format: it stops, leaks no special tokens, is clean text, does not loop."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_slmdeploy.runtime import Generation
+from pytest_slmdeploy.template import fill_prompt_template
+
+# Prompts any chat model should answer and end by itself (used with the domain prompts).
+GENERIC_PROMPTS = ("Hello", "What can you help me with?", "Answer in one sentence: what do you do?")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The tokens a tokenizer treats as special or added (template and control tokens)."""
+
+    texts: frozenset[str]
+    ids: frozenset[int]
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> SpecialTokens:
+        texts: set[str] = set()
+        ids: set[int] = set()
+        tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        for token in tokenizer.get("added_tokens", []):
+            if token.get("special", True):
+                texts.add(str(token["content"]))
+                ids.add(int(token["id"]))
+        config_path = model_dir / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                value = config.get(key)
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str) and value:
+                    texts.add(value)
+        return cls(frozenset(t for t in texts if t.strip()), frozenset(ids))
+
+
+def leaked_tokens(generation: Generation, special: SpecialTokens) -> list[str]:
+    """Special/template tokens in the answer: as text, or as ids where the backend gives them."""
+    found = sorted(t for t in special.texts if t in generation.text)
+    found += [f"token id {i}" for i in generation.token_ids if i in special.ids]
+    return found
+
+
+def repeated_tail(text: str, *, min_repeats: int = 4, max_unit: int = 40) -> str | None:
+    """A unit of text that repeats back to back at the end of the answer ``min_repeats`` times or more."""
+    for size in range(1, min(max_unit, len(text) // min_repeats) + 1):
+        unit = text[-size:]
+        if unit.strip() and text.endswith(unit * min_repeats):
+            return unit
+    return None
+
+
+@dataclass(frozen=True)
+class FormatResult:
+    """Format problems of one answer; renders its own message."""
+
+    prompt: str
+    generation: Generation
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def explain(self) -> str:
+        return f"prompt {self.prompt!r} -> {self.generation.text!r}: " + "; ".join(self.problems)
+
+
+def check_format(prompt: str, generation: Generation, special: SpecialTokens, *, require_stop: bool) -> FormatResult:
+    problems = []
+    if require_stop and generation.finish_reason != "stop":
+        problems.append(f"did not stop by itself (hit the limit of {generation.new_tokens} new tokens)")
+    leaked = leaked_tokens(generation, special)
+    if leaked:
+        problems.append(f"special/template tokens in the answer: {', '.join(leaked)}")
+    if not generation.text.strip():
+        problems.append("empty answer")
+    if "\ufffd" in generation.text:
+        problems.append("invalid UTF-8 (replacement characters) in the answer")
+    loop = repeated_tail(generation.text)
+    if loop is not None:
+        problems.append(f"runaway repetition of {loop!r}")
+    return FormatResult(prompt, generation, tuple(problems))
+
+
+def stop_rate(results: Sequence[FormatResult]) -> float:
+    return sum(r.generation.finish_reason == "stop" for r in results) / len(results) if results else 0.0
+
+
+def prompt_template_mismatches(
+    parts: Mapping[str, str],
+    conversations: Iterable[Sequence[Mapping[str, str]]],
+    render: Callable[[list[Mapping[str, str]]], str],
+    encode: Callable[[str], list[int]],
+) -> list[str]:
+    """Conversations whose PromptTemplate rendering gives other tokens than the model's own template."""
+    mismatches = []
+    for messages in conversations:
+        ours = encode(fill_prompt_template(parts, messages))
+        theirs = encode(render(list(messages)))
+        if ours != theirs:
+            mismatches.append(f"{list(messages)!r}: {len(ours)} vs {len(theirs)} tokens")
+    return mismatches

@@ -1,0 +1,68 @@
+"""pytest nodes for case files: one test item per case, with a failure that shows prompt, output and misses."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_slmdeploy.checklist.cases import Case, CaseFileError, CaseResult, check_case, load_case_file
+
+DEFAULT_CASE_PATTERNS = ("slm_cases*.yaml", "slm_cases*.yml", "slm_cases*.toml")
+MODEL_CASE_FILES = ("slm_cases.yaml", "slm_cases.yml", "slm_cases.toml")
+
+
+def is_case_file(path: Path, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns)
+
+
+class CaseFailure(Exception):
+    def __init__(self, result: CaseResult) -> None:
+        super().__init__(result.explain())
+        self.result = result
+
+
+class CaseFile(pytest.File):
+    """A YAML/TOML file of domain cases."""
+
+    def collect(self) -> Iterator[CaseItem]:
+        try:
+            cases = load_case_file(self.path)
+        except CaseFileError as exc:
+            raise self.CollectError(f"slmdeploy: {exc}") from None
+        for case in cases:
+            yield CaseItem.from_parent(self, name=case.id, case=case)
+
+
+class CaseItem(pytest.Item):
+    """One case: generate greedily, check the expectations."""
+
+    def __init__(self, *, case: Case, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.case = case
+        self.add_marker("slm_domain")
+
+    def runtest(self) -> None:
+        from pytest_slmdeploy.plugin import slm_session
+
+        model = slm_session(self.config).model()
+        generation = model.generate(list(self.case.messages), max_new_tokens=self.case.max_tokens)
+        result = check_case(self.case, generation)
+        if not result.passed:
+            raise CaseFailure(result)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, CaseFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"case {self.case.id}"
+
+
+def model_case_files(model_dir: Path) -> list[Path]:
+    """Cases shipped in the model folder itself (the fine-tuning team's own evaluation set)."""
+    return [model_dir / name for name in MODEL_CASE_FILES if (model_dir / name).is_file()]
