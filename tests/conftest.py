@@ -62,3 +62,22 @@ def warm_cache(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     with FileLock(str(root) + ".lock"):
         deploy(prepare(Settings(model=tiny_model, cache_dir=root)))
     return root
+
+
+@pytest.fixture(scope="session")
+def no_eos_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained never to emit its end token: it keeps talking after the answer."""
+    return _shared_model(tmp_path_factory, "no-eos", TinyModelSpec(emit_eos=False))
+
+
+@pytest.fixture(scope="session")
+def leaky_template_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained to put template tokens inside its answers."""
+    pairs = tuple((q, f"{a}<|im_start|>user") for q, a in FAQ)
+    return _shared_model(tmp_path_factory, "leaky", TinyModelSpec(pairs=pairs))
+
+
+@pytest.fixture(scope="session")
+def short_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A context of only 64 tokens."""
+    return _shared_model(tmp_path_factory, "short", TinyModelSpec(max_position_embeddings=64))

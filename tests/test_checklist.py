@@ -1,0 +1,155 @@
+"""Unit tests of the checklist's pure functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_slmdeploy.checklist import edge, lengths, memory
+from pytest_slmdeploy.checklist import format as fmt
+from pytest_slmdeploy.checklist.cases import CaseFileError, check_case, load_case_file, parse_cases
+from pytest_slmdeploy.errors import GenerationOptionsError, RuntimeBackendError
+from pytest_slmdeploy.runtime import Generation
+
+
+def gen(text: str, finish: str = "stop", tokens: int = 5, ids: tuple[int, ...] = ()) -> Generation:
+    return Generation(text, 10, tokens, finish, 0.01, 0.05, ids)  # type: ignore[arg-type]
+
+
+def _case(expect: object, **extra: object) -> object:
+    return parse_cases({"cases": [{"id": "c", "prompt": "q", "expect": expect, **extra}]}, "f.yaml")[0]
+
+
+@pytest.mark.parametrize(
+    ("expect", "text", "ok"),
+    [
+        ({"equals": "Hi there."}, "Hi there.", True),
+        ({"equals": "Hi there."}, "Hi there", False),
+        ({"contains": "there"}, "Hi there.", True),
+        ({"contains-all": ["Hi", "nope"]}, "Hi there.", False),
+        ({"contains-any": ["nope", "Hi"]}, "Hi there.", True),
+        ({"not-contains": "<|im_end|>"}, "Hi<|im_end|>", False),
+        ({"icontains": "HI"}, "hi there", True),
+        ({"starts-with": "Hi"}, "Hi there.", True),
+        ({"regex": r"\d+am"}, "open 9am", True),
+        ({"not-regex": r"\d"}, "open 9am", False),
+        ({"is-json": True}, '{"a": 1}', True),
+        ({"is-json": True}, "{a: 1}", False),
+        ({"is-json": {"schema": {"type": "object", "required": ["status"]}}}, '{"a": 1}', False),
+        ({"max-tokens": 4}, "x", False),
+        ({"finish-reason": "stop"}, "x", True),
+        ({"latency": 10}, "x", False),
+    ],
+)
+def test_expectations(expect: dict[str, object], text: str, ok: bool) -> None:
+    result = check_case(_case(expect), gen(text))  # type: ignore[arg-type]
+    assert result.passed is ok
+    if not ok:
+        assert "missed:" in result.explain()
+        assert repr(text) in result.explain()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"case": []}, "expected a top-level 'cases' list"),
+        ({"cases": [{"prompt": "q"}]}, "case 'q': field 'expect' is missing"),
+        ({"cases": [{"prompt": "q", "expect": {"similar": "x"}}]}, "unknown expectation 'similar'"),
+        ({"cases": [{"prompt": "q", "expect": {"regex": "("}}]}, "field 'expect.regex' is not a valid regex"),
+        ({"cases": [{"prompt": "q", "messages": [], "expect": {"equals": "x"}}]}, "exactly one of"),
+        ({"cases": [{"messages": [{"role": "user"}], "expect": {"equals": "x"}}]}, "field 'messages' must be"),
+        ({"cases": [{"prompt": "q", "max_tokens": 0, "expect": {"equals": "x"}}]}, "field 'max_tokens'"),
+        ({"cases": [{"prompt": "q", "colour": 1, "expect": {"equals": "x"}}]}, "unknown field 'colour'"),
+        ({"cases": [{"id": "a", "prompt": "q", "expect": {"equals": "x"}}] * 2}, "field 'id' repeats"),
+    ],
+)
+def test_case_file_mistakes_name_file_case_and_field(data: object, message: str) -> None:
+    with pytest.raises(CaseFileError) as info:
+        parse_cases(data, "cases.yaml")
+    assert str(info.value).startswith("cases.yaml")
+    assert message in str(info.value)
+
+
+def test_yaml_and_toml_files(tmp_path: Path) -> None:
+    (tmp_path / "slm_cases.yaml").write_text(
+        "defaults: {max_tokens: 8}\ncases:\n  - prompt: Hi\n    system: Be kind.\n    expect: [{contains: a}]\n"
+    )
+    (tmp_path / "slm_cases.toml").write_text('[[cases]]\nid = "t"\nprompt = "Hi"\nexpect = { equals = "x" }\n')
+    (yaml_case,) = load_case_file(tmp_path / "slm_cases.yaml")
+    assert yaml_case.max_tokens == 8
+    assert [m["role"] for m in yaml_case.messages] == ["system", "user"]
+    assert load_case_file(tmp_path / "slm_cases.toml")[0].id == "t"
+    (tmp_path / "bad.yaml").write_text("cases: [\n")
+    with pytest.raises(CaseFileError, match=r"bad.yaml: not valid YAML"):
+        load_case_file(tmp_path / "bad.yaml")
+
+
+def test_format_checks() -> None:
+    special = fmt.SpecialTokens(frozenset({"<|im_start|>", "<|im_end|>"}), frozenset({1, 2}))
+    assert fmt.check_format("p", gen("Fine."), special, require_stop=True).passed
+    problems = fmt.check_format("p", gen("ok ok ok ok ok", "length", ids=(5, 1)), special, require_stop=True).problems
+    assert any("did not stop" in p for p in problems)
+    assert any("token id 1" in p for p in problems)
+    assert any("runaway repetition" in p for p in problems)
+    assert fmt.check_format("p", gen("a<|im_end|>"), special, require_stop=False).problems
+    assert fmt.check_format("p", gen("  "), special, require_stop=False).problems == ("empty answer",)
+    assert fmt.repeated_tail("The office is at 12 Harbour Street.") is None
+    assert (
+        fmt.stop_rate([fmt.check_format("p", gen("a", f), special, require_stop=False) for f in ["stop", "length"]])
+        == 0.5
+    )
+
+
+def test_special_tokens_from_the_tiny_model(tiny_model: Path) -> None:
+    special = fmt.SpecialTokens.from_model_dir(tiny_model)
+    assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= special.texts
+    assert len(special.ids) >= 3
+
+
+def test_theil_sen_ignores_a_single_jump() -> None:
+    flat = [100.0] * 20
+    flat[10] = 500.0
+    assert memory.theil_sen_slope(range(20), flat) == 0.0
+    assert memory.theil_sen_slope(range(5), [0, 2, 4, 6, 8]) == 2.0
+
+
+def test_soak_sees_a_leak() -> None:
+    hoard: list[bytes] = []
+    result = memory.soak(lambda i: hoard.append(b"x" * 2_000_000), steps=15, warmup=2, time_budget_s=30)
+    assert result.mb_per_1k > 1000  # 2 MB per step = 2,000 MB per 1,000
+    calm = memory.soak(lambda i: None, steps=15, warmup=2, time_budget_s=30)
+    assert abs(calm.mb_per_1k) < 50
+
+
+def test_length_sweep_and_judge() -> None:
+    assert lengths.sweep_lengths(512, max_tokens=1024, points=4) == [16, 50, 158, 496]
+    assert lengths.sweep_lengths(64, max_tokens=1024, points=4) == [16, 23, 33, 48]
+    assert max(lengths.sweep_lengths(64, max_tokens=1024, points=4)) <= 48
+    assert lengths.prompt_of_tokens(10, lambda text: len(text.split())).count(" ") == 9
+    point = lengths.LengthPoint
+    ok = [point(16, 0.01, 100.0, ("stop",)), point(256, 0.15, 90.0, ("stop",))]
+    assert lengths.judge(ok, ttft_tolerance=0.5, ttft_slack_s=0, decode_band=0.5).passed
+    quadratic = [point(16, 0.01, 100.0, ("stop",)), point(256, 2.56, 90.0, ("stop",))]
+    assert (
+        "more than linear growth"
+        in lengths.judge(quadratic, ttft_tolerance=0.5, ttft_slack_s=0, decode_band=0.5).problems[0]
+    )
+    slow = [point(16, 0.01, 100.0, ("stop",)), point(256, 0.1, 20.0, ("stop",))]
+    assert "decode falls" in lengths.judge(slow, ttft_tolerance=1, ttft_slack_s=0, decode_band=0.5).problems[0]
+
+
+def test_edge_helpers() -> None:
+    def refusing(prompt: str, **options: object) -> Generation:
+        raise GenerationOptionsError("no")
+
+    def accepting(prompt: str, **options: object) -> Generation:
+        return gen("fine")
+
+    def too_long(prompt: str, **options: object) -> Generation:
+        raise RuntimeBackendError("prompt is 9 tokens; the model's context is 8")
+
+    assert edge.refuses(refusing, {"max_new_tokens": 0}) is None
+    assert edge.refuses(accepting, {"max_new_tokens": 0}) == "{'max_new_tokens': 0}: accepted"
+    assert edge.survive(too_long, "x", 4).error is not None
+    assert edge.survive(accepting, "x", 4).text == "fine"
