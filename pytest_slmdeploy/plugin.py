@@ -44,6 +44,22 @@ _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
      "seconds to wait for another process building the same model (default 1800).", {"metavar": "SECONDS"}),
     ("--slm-report", "slm_report", "string",
      "write the checklist results (families, pass/fail, key figures) as JSON to FILE.", {"metavar": "FILE"}),
+    ("--slm-bench-save", "slm_bench_save", "bool",
+     "append this run's LLM benchmark metrics to the history.", {"action": "store_const", "const": True}),
+    ("--slm-bench-name", "slm_bench_name", "string",
+     "name of this run in the benchmark history (default: its time).", {"metavar": "NAME"}),
+    ("--slm-bench-history", "slm_bench_history", "string",
+     "benchmark history folder (default .slmdeploy/history next to the ini file).", {"metavar": "DIR"}),
+    ("--slm-bench-baseline", "slm_bench_baseline", "string",
+     "gate this run against a baseline: last, a run NAME, or a JSON FILE of one record.",
+     {"metavar": "last|NAME|FILE"}),
+    ("--slm-bench-gate", "slm_bench_gate", "string",
+     "a regression gate METRIC:N% (repeatable), e.g. decode_tps:-5% or peak_rss_mb:+10%; "
+     "default with a baseline: decode_tps:-10% ttft_ms:+25% peak_rss_mb:+10%.",
+     {"metavar": "GATE", "action": "append"}),
+    ("--slm-bench-export", "slm_bench_export", "string",
+     "write the metrics for github-action-benchmark (customBiggerIsBetter/SmallerIsBetter) to FILE.",
+     {"metavar": "FILE"}),
     ("--slm-suite", "slm_suite", "bool",
      "run the built-in checklist suite (default); --slm-no-suite turns it off.",
      {"action": "store_const", "const": True}),
@@ -57,7 +73,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("slmdeploy", "small language model deployment (pytest-slmdeploy)")
     for flag, key, ini_type, help_text, extra in _OPTIONS:
-        group.addoption(flag, dest=key, default=None, help=help_text, **extra)
+        group.addoption(flag, dest=key, default=None, help=help_text.replace("%", "%%"), **extra)  # argparse formats %
         parser.addini(key, help=help_text.split(";")[0], type=ini_type, default=None)  # type: ignore[arg-type]
     group.addoption(
         "--slm-no-suite", dest="slm_suite", action="store_const", const=False, help="do not run the built-in suite."
@@ -76,7 +92,7 @@ def _value(config: pytest.Config, key: str) -> object | None:
     """Command line first, then ini; command-line paths are made absolute against the invocation dir."""
     value: object | None = config.getoption(key, None)
     if value is not None:
-        is_path = key in ("slm_model", "slm_cache", "slm_report")
+        is_path = key in ("slm_model", "slm_cache", "slm_report", "slm_bench_history", "slm_bench_export")
         if is_path or (key == "slm_chat_template" and value not in ("auto", "chatml")):
             return str(config.invocation_params.dir / Path(str(value)).expanduser())
         return value
@@ -166,6 +182,16 @@ def slm_limits(request: pytest.FixtureRequest) -> dict[str, float]:
                     raise pytest.UsageError(f"@pytest.mark.{marker.name}({key}=...): unknown limit; see slm_* ini keys")
                 limits[name] = float(value)
     return limits
+
+
+@pytest.fixture
+def slm_benchmark(request: pytest.FixtureRequest, slm_model: Any, slm_limits: dict[str, float]) -> Any:
+    """``slm_benchmark(prompt, new_tokens=32)`` times generations with pytest-benchmark and returns
+    :class:`~pytest_slmdeploy.bench.GenerationStats` (TTFT, prefill/decode tok/s, spread, peak RSS, CPU)."""
+    from pytest_slmdeploy.bench import LlmBenchmark
+
+    benchmark = request.getfixturevalue("benchmark")
+    return LlmBenchmark(benchmark, slm_model, lambda k, v: request.node.user_properties.append((k, v)), slm_limits)
 
 
 @pytest.fixture(scope="session")

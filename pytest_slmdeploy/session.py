@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -10,10 +11,11 @@ from typing import Any
 
 import pytest
 
+from pytest_slmdeploy.bench import DEFAULT_GATES, Gate, metrics_of
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import SlmDeployError
-from pytest_slmdeploy.report import FAMILY_PROPERTY, RunReport, family_of
+from pytest_slmdeploy.report import FAMILY_PROPERTY, FamilyResult, RunReport, family_of
 from pytest_slmdeploy.settings import Settings
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
@@ -49,11 +51,16 @@ class SlmDeploySession:
         self._model: Any = None
         self._foundry: Any = None
         self.report = RunReport()
+        self.bench_metrics: dict[str, float] = {}
+        self.bench_failures: list[str] = []
+        self.bench_saved: Path | None = None
+        self.gates: list[Gate] = []
 
     # -- stages -------------------------------------------------------------------------------
     def check_source(self) -> None:
         """Check model folder, settings and cache before collection (errors become UsageError)."""
         if self.settings.enabled:
+            self.gates = [Gate.parse(g) for g in self.settings.bench_gates or DEFAULT_GATES]
             self._plan = prepare(self.settings, adjust_recipe=self._adjust_recipe)
 
     def _adjust_recipe(self, recipe: dict[str, Any]) -> dict[str, Any]:
@@ -162,11 +169,15 @@ class SlmDeploySession:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.report.record(report.nodeid, report.when, report.outcome, report.user_properties)
+        if report.when == "call" and report.passed:
+            self.bench_metrics.update(metrics_of(report.user_properties))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self._plan is None or hasattr(self.config, "workerinput"):  # the controller writes the reports
             return
         self.report.model = self._model_facts()
+        if self.bench_metrics:
+            self._finish_benchmarks(session)
         if self.settings.report is not None:
             self.settings.report.parent.mkdir(parents=True, exist_ok=True)
             self.report.write_json(str(self.settings.report))
@@ -174,6 +185,56 @@ class SlmDeploySession:
         if summary:
             with open(summary, "a", encoding="utf-8") as fh:
                 fh.write(self.report.to_markdown())
+
+    def _finish_benchmarks(self, session: pytest.Session) -> None:
+        """Add model figures, gate against the baseline, save to the history, export."""
+        from pytest_slmdeploy import bench
+
+        plan = self._plan
+        assert plan is not None
+        metrics = dict(self.bench_metrics)
+        manifest = plan.state().manifest
+        if manifest is not None:
+            metrics.update(
+                model_mb=round(manifest.model_bytes / 1e6, 3),
+                size_ratio=round(manifest.size_ratio, 4),
+                build_s=manifest.build_seconds,
+                build_peak_rss_mb=round(manifest.build_peak_rss_bytes / 1e6, 1),
+            )
+        if isinstance(self._deployment, Deployment) and self._deployment.cache_hit:
+            metrics["warm_start_s"] = round(self._deployment.stage_seconds, 4)
+        record = bench.RunRecord(
+            name=self.settings.bench_name or time.strftime("%Y-%m-%dT%H:%M:%S"),
+            model=plan.name,
+            fingerprint=plan.source_fingerprint,
+            precision=self.settings.precision,
+            metrics=metrics,
+            commit=bench.git_commit(self.config.rootpath),
+        )
+        history = bench.History(self.settings.bench_history or self.config.rootpath / ".slmdeploy" / "history")
+        if self.settings.bench_baseline:
+            baseline = history.baseline(plan.name, self.settings.bench_baseline)
+            if baseline is None:
+                self.bench_failures.append(
+                    f"no baseline {self.settings.bench_baseline!r} for {plan.name} in {history.folder} "
+                    "(run once with --slm-bench-save, or pass a record file)"
+                )
+            else:
+                self.bench_failures += bench.evaluate_gates(self.gates, metrics, baseline)
+        if self.settings.bench_save:
+            self.bench_saved = history.append(record)
+        if self.settings.bench_export is not None:
+            self.settings.bench_export.parent.mkdir(parents=True, exist_ok=True)
+            exported = bench.github_action_benchmark(metrics, plan.name)
+            self.settings.bench_export.write_text(json.dumps(exported, indent=2) + "\n")
+        result = self.report.families.setdefault("benchmark", FamilyResult("benchmark"))
+        for key in ("ttft_ms", "peak_rss_mb"):
+            if key in metrics:
+                result.figures[key] = metrics[key]
+        if self.bench_failures:
+            result.failed += len(self.bench_failures)
+            result.failures += [f"gate: {f}" for f in self.bench_failures]
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def _model_facts(self) -> dict[str, Any]:
         plan = self._plan
@@ -204,6 +265,10 @@ class SlmDeploySession:
         terminalreporter.section("slmdeploy")
         for line in self.report.terminal_lines():
             terminalreporter.write_line(line, red=line.startswith("FAIL"), green=line.startswith("pass"))
+        for failure in self.bench_failures:
+            terminalreporter.write_line(f"benchmark gate FAILED: {failure}", red=True)
+        if self.bench_saved is not None:
+            terminalreporter.write_line(f"benchmark history: appended to {self.bench_saved}")
         if isinstance(self._deployment, SlmDeployError):
             terminalreporter.write_line(f"deployment FAILED: {self._deployment}", red=True)
             return

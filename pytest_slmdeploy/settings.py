@@ -61,6 +61,10 @@ LIMITS: dict[str, tuple[float, str]] = {
     "lengths_decode_band": (0.5, "decode tok/s at the longest prompt may fall by at most this share"),
     "lengths_decode_slack_ms": (0.5, "absolute slack in ms per decoded token for timer noise on tiny models"),
     "edge_examples": (40, "hypothesis examples of unusual prompts"),
+    "benchmark_rounds": (10, "timed generations per benchmark (after warm-up)"),
+    "benchmark_warmup": (2, "untimed generations before a benchmark"),
+    "benchmark_new_tokens": (32, "answer length of a benchmark generation (fixed: the end token is ignored)"),
+    "benchmark_max_overhead": (0.05, "the plugin's decode loop may be at most this share slower than a bare one"),
 }
 
 
@@ -80,6 +84,12 @@ class Settings:
     lock_timeout: float = 1800.0
     suite: bool = True
     report: Path | None = None
+    bench_history: Path | None = None
+    bench_save: bool = False
+    bench_name: str = ""
+    bench_baseline: str | None = None
+    bench_gates: tuple[str, ...] = ()
+    bench_export: Path | None = None
     limits: Mapping[str, float] = field(default_factory=lambda: {k: v for k, (v, _) in LIMITS.items()})
 
     @property
@@ -161,8 +171,22 @@ def resolve_settings(
         lock_timeout=lock_timeout,
         suite=_as_bool("slm_suite", True if get("slm_suite") is None else get("slm_suite")),
         report=path("slm_report"),
+        bench_history=path("slm_bench_history") or ini_dir / ".slmdeploy" / "history",
+        bench_save=_as_bool("slm_bench_save", get("slm_bench_save") or False),
+        bench_name=text("slm_bench_name", ""),
+        bench_baseline=text("slm_bench_baseline", "") or None,
+        bench_gates=tuple(_gates(get("slm_bench_gate"))),
+        bench_export=path("slm_bench_export"),
         limits={key: _number(f"slm_{key}", get(f"slm_{key}"), default) for key, (default, _) in LIMITS.items()},
     )
+
+
+def _gates(value: object | None) -> list[str]:
+    """Gates from repeated options (a list) or an ini value (whitespace separated)."""
+    if value in (None, "", []):
+        return []
+    items = value if isinstance(value, list) else str(value).split()
+    return [str(item) for item in items]
 
 
 def _number(key: str, value: object | None, default: float) -> float:

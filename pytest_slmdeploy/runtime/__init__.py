@@ -49,11 +49,12 @@ class SlmModel:
         top_p: float = 1.0,
         top_k: int = 50,
         seed: int | None = None,
+        min_new_tokens: int = 0,
     ) -> Generation:
         """Answer a user prompt (or a conversation); greedy unless ``do_sample``."""
         options = GenerationOptions(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=seed,
+            seed=seed, min_new_tokens=min_new_tokens,
         )  # fmt: skip
         return self.backend.generate(prompt, options, system=system)
 

@@ -50,6 +50,8 @@ class OrtGenaiBackend:
         max_length = min(self.context_length, len(prompt_ids) + options.max_new_tokens)
         params = self._og.GeneratorParams(self.model)
         search: dict[str, Any] = {"max_length": max_length, "do_sample": options.do_sample}
+        if options.min_new_tokens:
+            search["min_length"] = min(max_length, len(prompt_ids) + options.min_new_tokens)
         if options.do_sample:
             search.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
             if options.seed is not None:

@@ -25,6 +25,7 @@ class GenerationOptions:
     top_p: float = 1.0
     top_k: int = 50
     seed: int | None = None
+    min_new_tokens: int = 0  # benchmarks: a fixed answer length (the end token is ignored until then)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -35,6 +36,10 @@ class GenerationOptions:
             raise GenerationOptionsError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise GenerationOptionsError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise GenerationOptionsError(
+                f"min_new_tokens must be 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise GenerationOptionsError(f"top_k must be an integer of at least 1, got {self.top_k!r}")
 

@@ -215,3 +215,96 @@ def test_invalid_settings_are_refused(slm_model: Any) -> None:
     """Zero/negative token limits and out-of-range sampling settings get a clear GenerationOptionsError."""
     accepted = [problem for options in edge.INVALID_OPTIONS if (problem := edge.refuses(slm_model.generate, options))]
     assert not accepted, "invalid settings were not refused: " + "; ".join(accepted)
+
+
+# -- benchmark -----------------------------------------------------------------------------------
+BENCH_PROMPT_TOKENS = (16, 128, 512)
+REFERENCE_PROMPT_TOKENS = 128  # the length whose figures go into the history and gates
+
+
+@pytest.mark.slm_benchmark
+@pytest.mark.parametrize("prompt_tokens", BENCH_PROMPT_TOKENS)
+def test_benchmark_generation(
+    prompt_tokens: int, slm_model: Any, slm_deployment: Any, slm_limits: dict[str, float], slm_figure: Any,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    """TTFT, prefill and decode tokens/s, latency, peak RSS and CPU at a prompt length, in pytest-benchmark."""
+    backend = slm_model.backend
+    new_tokens = int(slm_limits["benchmark_new_tokens"])
+    context = getattr(backend, "context_length", None)
+    if context is not None and prompt_tokens + new_tokens > context:
+        pytest.skip(f"{prompt_tokens} + {new_tokens} tokens do not fit the {context}-token context")
+    if hasattr(backend, "encode"):
+        prompt = lengths.prompt_of_tokens(prompt_tokens, lambda text: len(backend.encode(backend.render(text))))
+    else:
+        prompt = lengths.FILLER * max(1, prompt_tokens // 10)
+    reference = prompt_tokens == REFERENCE_PROMPT_TOKENS
+    slm_benchmark = request.getfixturevalue("slm_benchmark")  # after the skip: pytest-benchmark warns on unused
+    stats = slm_benchmark(prompt, new_tokens=new_tokens, reference=reference)
+    slm_figure(f"decode tok/s @{prompt_tokens}", stats.decode_tps)
+    assert stats.new_tokens == new_tokens, f"the answer length was not fixed: {stats.new_tokens} tokens"
+    assert stats.decode_tps > 0
+    assert stats.ttft_ms > 0
+    if reference:
+        from pytest_slmdeploy.bench import BENCH_PREFIX, bandwidth_efficiency, memory_bandwidth_bytes_per_s
+
+        weights = sum(p.stat().st_size for p in slm_deployment.entry_dir.glob("*.onnx*"))
+        efficiency = bandwidth_efficiency(stats.decode_tps, weights, memory_bandwidth_bytes_per_s())
+        request.node.user_properties.append((f"{BENCH_PREFIX}bandwidth_efficiency", round(efficiency, 2)))
+        slm_figure("bandwidth efficiency %", round(efficiency, 1))
+
+
+@pytest.mark.slm_benchmark
+def test_plugin_loop_matches_a_bare_ort_genai_loop(
+    slm_model: Any, slm_limits: dict[str, float], slm_figure: Any, request: pytest.FixtureRequest
+) -> None:
+    """The plugin's generate() decodes within benchmark_max_overhead of a bare onnxruntime_genai loop."""
+    import time
+    from statistics import median
+
+    backend = slm_model.backend
+    if getattr(backend, "name", "") != "ort-genai":
+        pytest.skip("the comparison runs against ONNX Runtime GenAI itself")
+    import onnxruntime_genai as og
+
+    from pytest_slmdeploy.bench import BENCH_PREFIX
+
+    new_tokens = int(slm_limits["benchmark_new_tokens"])
+    prompt = "Hello"
+    prompt_ids = backend.encode(backend.render(prompt))
+
+    def bare() -> float:
+        params = og.GeneratorParams(backend.model)
+        total = len(prompt_ids) + new_tokens
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(backend.model, params)
+        generator.append_tokens(prompt_ids)
+        generator.generate_next_token()
+        generator.get_next_tokens()
+        start, count = time.perf_counter(), 1
+        while not generator.is_done():
+            generator.generate_next_token()
+            generator.get_next_tokens()
+            count += 1
+        return (count - 1) / (time.perf_counter() - start)
+
+    def ours() -> float:
+        return float(
+            slm_model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens).decode_tokens_per_s
+        )
+
+    rounds = max(10, int(slm_limits["benchmark_rounds"]) * 2)
+    for _ in range(int(slm_limits["benchmark_warmup"])):
+        bare(), ours()
+    bare_tps, our_tps = [], []
+    for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
+        bare_tps.append(bare())
+        our_tps.append(ours())
+    ratio = median(our_tps) / median(bare_tps)
+    slm_figure("plugin/bare decode", round(ratio, 3))
+    request.node.user_properties.append((f"{BENCH_PREFIX}plugin_vs_bare", round(ratio, 4)))
+    limit = 1 - slm_limits["benchmark_max_overhead"]
+    assert ratio >= limit, (
+        f"the plugin decodes at {ratio:.1%} of a bare ONNX Runtime GenAI loop "
+        f"({median(our_tps):.1f} vs {median(bare_tps):.1f} tok/s); limit {limit:.0%}"
+    )

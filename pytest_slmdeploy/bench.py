@@ -1,0 +1,351 @@
+"""Benchmarks: LLM metrics beside pytest-benchmark's timings, a history of runs, and regression gates.
+
+pytest-benchmark times calls and gates on time statistics only; it cannot say
+"decode tokens/s may not drop more than 5%". This module measures the LLM
+figures (TTFT, prefill and decode tokens/s, peak RSS, CPU), keeps one record
+per run in a JSON-lines history, and gates on them knowing which way is worse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import psutil
+
+from pytest_slmdeploy.errors import SettingsError
+from pytest_slmdeploy.measure import PeakRss
+from pytest_slmdeploy.runtime import Generation
+
+# metric -> (unit, bigger is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "ttft_ms": ("ms", False),
+    "prefill_tps": ("tokens/s", True),
+    "decode_tps": ("tokens/s", True),
+    "e2e_ms": ("ms", False),
+    "peak_rss_mb": ("MB", False),
+    "cpu_percent": ("%", False),
+    "model_mb": ("MB", False),
+    "size_ratio": ("x source", False),
+    "build_s": ("s", False),
+    "build_peak_rss_mb": ("MB", False),
+    "warm_start_s": ("s", False),
+    "bandwidth_efficiency": ("%", True),
+    "plugin_vs_bare": ("ratio", True),
+}
+# Defaults chosen from run-to-run spread on 2 cores (docs/benchmarks.md): wide enough not to fire on noise.
+DEFAULT_GATES = ("decode_tps:-10%", "ttft_ms:+25%", "peak_rss_mb:+10%")
+
+
+def spread(values: Sequence[float]) -> float:
+    """Interquartile range relative to the median (0.05 = 5%)."""
+    if len(values) < 2:
+        return 0.0
+    ordered = sorted(values)
+    q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
+    mid = median(ordered)
+    return (q3 - q1) / mid if mid else 0.0
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Median figures (and relative spread) of repeated generations at one prompt length."""
+
+    prompt_tokens: int
+    new_tokens: int
+    rounds: int
+    ttft_ms: float
+    prefill_tps: float
+    decode_tps: float
+    e2e_ms: float
+    decode_spread: float
+    ttft_spread: float
+    peak_rss_mb: float
+    cpu_percent: float
+
+    @classmethod
+    def of(cls, runs: Sequence[Generation], peak_rss: int, cpu_percent: float) -> GenerationStats:
+        ttfts = [r.ttft_s for r in runs]
+        decodes = [r.decode_tokens_per_s for r in runs]
+        return cls(
+            prompt_tokens=runs[0].prompt_tokens,
+            new_tokens=runs[0].new_tokens,
+            rounds=len(runs),
+            ttft_ms=round(median(ttfts) * 1000, 3),
+            prefill_tps=round(runs[0].prompt_tokens / median(ttfts), 1) if median(ttfts) else 0.0,
+            decode_tps=round(median(decodes), 2),
+            e2e_ms=round(median(r.total_s for r in runs) * 1000, 3),
+            decode_spread=round(spread(decodes), 4),
+            ttft_spread=round(spread(ttfts), 4),
+            peak_rss_mb=round(peak_rss / 1e6, 1),
+            cpu_percent=round(cpu_percent, 1),
+        )
+
+
+BENCH_PREFIX = "slm_bench:"  # user property "slm_bench:<metric>" -> value (travels like figures under xdist)
+
+
+def metrics_of(properties: Iterable[tuple[str, Any]]) -> dict[str, float]:
+    return {k.removeprefix(BENCH_PREFIX): float(v) for k, v in properties if k.startswith(BENCH_PREFIX)}
+
+
+def measure_generations(
+    generate: Callable[[], Generation], *, rounds: int, warmup: int
+) -> tuple[GenerationStats, list[Generation]]:
+    """Warm up, then time ``rounds`` generations, sampling peak RSS and CPU use of this process."""
+    for _ in range(warmup):
+        generate()
+    process = psutil.Process()
+    process.cpu_percent(None)
+    with PeakRss() as rss:
+        runs = [generate() for _ in range(rounds)]
+    return GenerationStats.of(runs, rss.peak, process.cpu_percent(None)), runs
+
+
+def memory_bandwidth_bytes_per_s(size_mb: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second), the bound of memory-bound decoding."""
+    import numpy as np
+
+    src = np.ones(size_mb * 1_000_000 // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def bandwidth_efficiency(decode_tps: float, weight_bytes: int, bandwidth: float) -> float:
+    """Decode tokens/s as a share of the bound ``bandwidth / bytes read per token`` (all weights), in %."""
+    bound = bandwidth / weight_bytes if weight_bytes else 0.0
+    return 100 * decode_tps / bound if bound else 0.0
+
+
+# -- history -------------------------------------------------------------------------------------
+def git_commit(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "node": platform.node(),
+        "system": platform.system(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run's LLM metrics, as kept in the history."""
+
+    name: str
+    model: str
+    fingerprint: str
+    precision: str
+    metrics: dict[str, float]
+    created_at: float = field(default_factory=time.time)
+    commit: str | None = None
+    machine: dict[str, Any] = field(default_factory=machine_info)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+class History:
+    """JSON lines, one record per run, one file per model: ``<dir>/<model>.jsonl``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def path(self, model: str) -> Path:
+        return self.folder / f"{model}.jsonl"
+
+    def append(self, record: RunRecord) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(record.model)
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(record.to_json() + "\n")
+        return path
+
+    def records(self, model: str | None = None) -> list[RunRecord]:
+        paths = [self.path(model)] if model else sorted(self.folder.glob("*.jsonl"))
+        found = []
+        for path in paths:
+            if path.is_file():
+                found += [RunRecord.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line]
+        return sorted(found, key=lambda r: r.created_at)
+
+    def baseline(self, model: str, which: str) -> RunRecord | None:
+        """``last`` (the newest record), a record's ``name``, or a JSON file holding one record."""
+        if which not in ("last",) and Path(which).is_file():
+            return RunRecord.from_dict(json.loads(Path(which).read_text()))
+        records = self.records(model)
+        if which == "last":
+            return records[-1] if records else None
+        named = [r for r in records if r.name == which]
+        return named[-1] if named else None
+
+
+# -- gates ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gate:
+    """A metric may move at most ``percent`` in its bad direction from the baseline."""
+
+    metric: str
+    percent: float
+
+    @classmethod
+    def parse(cls, text: str) -> Gate:
+        metric, _, limit = text.partition(":")
+        number = limit.strip().rstrip("%").lstrip("+-")
+        if metric not in METRICS or not number:
+            raise SettingsError(
+                f"benchmark gate {text!r}: use METRIC:N% with METRIC one of {', '.join(METRICS)} "
+                "(e.g. decode_tps:-5% or peak_rss_mb:+10%)"
+            )
+        try:
+            return cls(metric, float(number))
+        except ValueError:
+            raise SettingsError(f"benchmark gate {text!r}: {limit!r} is not a percentage") from None
+
+    def check(self, value: float, baseline: float) -> str | None:
+        """None if within the limit, else a message naming metric, baseline, value and limit."""
+        if not baseline:
+            return None
+        unit, bigger_is_better = METRICS[self.metric]
+        change = 100 * (value - baseline) / baseline
+        worse = -change if bigger_is_better else change
+        if worse <= self.percent:
+            return None
+        direction = "dropped" if bigger_is_better else "grew"
+        sign = "-" if bigger_is_better else "+"
+        return (
+            f"{self.metric} {direction} {abs(change):.1f}%: {value:g} {unit} vs baseline {baseline:g} {unit} "
+            f"(limit {sign}{self.percent:g}%)"
+        )
+
+
+def evaluate_gates(gates: Iterable[Gate], current: Mapping[str, float], baseline: RunRecord) -> list[str]:
+    failures = []
+    for gate in gates:
+        if gate.metric in current and gate.metric in baseline.metrics:
+            message = gate.check(current[gate.metric], baseline.metrics[gate.metric])
+            if message:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(baseline.created_at))
+                commit = f" @ {baseline.commit[:8]}" if baseline.commit else ""
+                failures.append(f"{message}; baseline run {baseline.name!r} of {when}{commit}")
+    return failures
+
+
+# -- export and tables ---------------------------------------------------------------------------
+def github_action_benchmark(metrics: Mapping[str, float], prefix: str) -> dict[str, list[dict[str, Any]]]:
+    """github-action-benchmark's custom formats, split by direction."""
+    split: dict[str, list[dict[str, Any]]] = {"customBiggerIsBetter": [], "customSmallerIsBetter": []}
+    for name, value in metrics.items():
+        if name in METRICS:
+            unit, bigger = METRICS[name]
+            key = "customBiggerIsBetter" if bigger else "customSmallerIsBetter"
+            split[key].append({"name": f"{prefix} {name}", "unit": unit, "value": value})
+    return split
+
+
+def markdown_table(records: Sequence[RunRecord], metrics: Sequence[str] | None = None) -> str:
+    """Runs as rows, metrics as columns, with the change of the last run against the one before."""
+    if not records:
+        return "_no benchmark history_\n"
+    names = list(metrics or [m for m in METRICS if any(m in r.metrics for r in records)])
+    header = "| run | commit | " + " | ".join(f"{m} ({METRICS[m][0]})" for m in names) + " |"
+    lines = [header, "|" + "---|" * (len(names) + 2)]
+    for record in records:
+        cells = [f"{record.metrics[m]:g}" if m in record.metrics else "-" for m in names]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at))
+        lines.append(f"| {record.name or when} | {(record.commit or '-')[:8]} | " + " | ".join(cells) + " |")
+    if len(records) >= 2:
+        last, before = records[-1], records[-2]
+        deltas = []
+        for m in names:
+            if m in last.metrics and m in before.metrics and before.metrics[m]:
+                change = 100 * (last.metrics[m] - before.metrics[m]) / before.metrics[m]
+                good = (change >= 0) == METRICS[m][1] or change == 0
+                deltas.append(f"{change:+.1f}% {'✅' if good else '⚠️'}")
+            else:
+                deltas.append("-")
+        lines.append("| change | | " + " | ".join(deltas) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_history(records: Sequence[RunRecord], metrics: Sequence[str], out: Path) -> Path:
+    """One PNG, a panel per metric, runs on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.4 * len(metrics)), squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics, strict=True):
+        points = [(i, r.metrics[metric]) for i, r in enumerate(records) if metric in r.metrics]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        unit, bigger = METRICS[metric]
+        ax.set_ylabel(f"{metric}\n({unit}, {'higher' if bigger else 'lower'} is better)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xticks(range(len(records)))
+    axes[-1, 0].set_xticklabels([(r.commit or r.name or str(i))[:8] for i, r in enumerate(records)], rotation=45)
+    fig.suptitle(f"pytest-slmdeploy benchmark history: {records[-1].model if records else ''}")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+class LlmBenchmark:
+    """What the ``slm_benchmark`` fixture returns: time generations through pytest-benchmark and
+    record the LLM metrics (in ``extra_info``, and for the history when ``reference``)."""
+
+    def __init__(
+        self, benchmark: Any, model: Any, record: Callable[[str, object], None], limits: Mapping[str, float]
+    ) -> None:
+        self.benchmark, self.model, self.record = benchmark, model, record
+        self.rounds = int(limits["benchmark_rounds"])
+        self.warmup = int(limits["benchmark_warmup"])
+        self.new_tokens = int(limits["benchmark_new_tokens"])
+
+    def __call__(self, prompt: Any, *, new_tokens: int | None = None, reference: bool = True) -> GenerationStats:
+        n = new_tokens or self.new_tokens
+        runs: list[Generation] = []
+
+        def one() -> None:
+            runs.append(self.model.generate(prompt, max_new_tokens=n, min_new_tokens=n))
+
+        process = psutil.Process()
+        process.cpu_percent(None)
+        with PeakRss() as rss:
+            self.benchmark.pedantic(one, rounds=self.rounds, warmup_rounds=self.warmup, iterations=1)
+        timed = runs[-self.rounds :]  # pedantic's warm-up rounds come first (none if benchmarks are disabled)
+        stats = GenerationStats.of(timed, rss.peak, process.cpu_percent(None))
+        self.benchmark.extra_info.update(asdict(stats))
+        if reference:
+            for key in ("ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "peak_rss_mb", "cpu_percent"):
+                self.record(f"{BENCH_PREFIX}{key}", getattr(stats, key))
+        return stats
