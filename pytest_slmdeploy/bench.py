@@ -302,7 +302,7 @@ def plot_history(records: Sequence[RunRecord], metrics: Sequence[str], out: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.4 * len(metrics)), squeeze=False)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.4 * len(metrics)), squeeze=False, sharex=True)
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         points = [(i, r.metrics[metric]) for i, r in enumerate(records) if metric in r.metrics]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
@@ -310,7 +310,8 @@ def plot_history(records: Sequence[RunRecord], metrics: Sequence[str], out: Path
         ax.set_ylabel(f"{metric}\n({unit}, {'higher' if bigger else 'lower'} is better)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xticks(range(len(records)))
-    axes[-1, 0].set_xticklabels([(r.commit or r.name or str(i))[:8] for i, r in enumerate(records)], rotation=45)
+    labels = [r.commit[:8] if r.commit else (r.name or str(i))[:16] for i, r in enumerate(records)]
+    axes[-1, 0].set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     fig.suptitle(f"pytest-slmdeploy benchmark history: {records[-1].model if records else ''}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

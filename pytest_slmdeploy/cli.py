@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pytest_slmdeploy.cache import ModelCache
-from pytest_slmdeploy.errors import SlmDeployError
+from pytest_slmdeploy.errors import SettingsError, SlmDeployError
 from pytest_slmdeploy.foundry import is_foundry_entry
 from pytest_slmdeploy.settings import PRECISIONS, Settings, check_model_name, default_cache_dir
 
@@ -34,7 +34,49 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("name")
     remove = commands.add_parser("rm", help="remove an installed model")
     remove.add_argument("name")
+
+    bench = commands.add_parser("bench", help="benchmark history: table, compare, plot")
+    bench.add_argument("--history", type=Path, default=Path(".slmdeploy/history"), help="history folder")
+    bench.add_argument("--model", default=None, help="model name (default: every model in the history)")
+    actions = bench.add_subparsers(dest="action", required=True)
+    actions.add_parser("history", help="every run as a Markdown table, with the last change")
+    compare = actions.add_parser("compare", help="two runs side by side (default: the last two)")
+    compare.add_argument("runs", nargs="*", help="run names (or 'last'), at most two")
+    plot = actions.add_parser("plot", help="draw the history as a PNG")
+    plot.add_argument("--out", type=Path, default=Path("slmdeploy-history.png"))
+    plot.add_argument("--metric", action="append", help="metric to draw (repeatable; default decode_tps, ttft_ms)")
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pytest_slmdeploy import bench
+
+    history = bench.History(args.history)
+    records = history.records(args.model)
+    if not records:
+        print(f"no benchmark history in {args.history}" + (f" for {args.model}" if args.model else ""))
+        return 1
+    if args.action == "history":
+        print(bench.markdown_table(records), end="")
+    elif args.action == "compare":
+        if len(args.runs) > 2:
+            raise SettingsError("slmdeploy bench compare takes at most two runs")
+        if args.runs:
+            found = [history.baseline(records[-1].model, run) for run in args.runs]
+            missing = [run for run, record in zip(args.runs, found, strict=True) if record is None]
+            if missing:
+                raise SettingsError(f"no run named {', '.join(missing)} in {args.history}")
+            chosen = [r for r in found if r is not None]
+        else:
+            chosen = records[-2:]
+        print(bench.markdown_table(chosen), end="")
+    else:
+        metrics = args.metric or ["decode_tps", "ttft_ms"]
+        unknown = [m for m in metrics if m not in bench.METRICS]
+        if unknown:
+            raise SettingsError(f"unknown metric {unknown[0]!r}: use {', '.join(bench.METRICS)}")
+        print(bench.plot_history(records, metrics, args.out))
+    return 0
 
 
 def _build(args: argparse.Namespace, cache_dir: Path) -> int:
@@ -93,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ls(cache)
         if args.command == "verify":
             return _verify(cache, check_model_name(args.name))
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "rm":
             removed = cache.remove(check_model_name(args.name))
             print(f"{args.name}: {'removed' if removed else 'not installed'}")

@@ -31,3 +31,22 @@ def test_build_reuses_and_errors_are_one_line(
     assert err.startswith("slmdeploy: error: model folder ")
     assert err.count("\n") == 1
     assert main(["--cache", str(warm_cache), "verify", "../etc"]) == 2
+
+
+def test_bench_history_compare_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_slmdeploy.bench import History, RunRecord
+
+    history = History(tmp_path / "h")
+    for i, tps in enumerate((30.0, 33.0, 27.0)):
+        history.append(RunRecord(f"run{i}", "m", "f", "int4", {"decode_tps": tps, "ttft_ms": 100.0}, created_at=i))
+    base = ["bench", "--history", str(tmp_path / "h")]
+    assert main([*base, "history"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| run") == 4  # header + three runs
+    assert "-18.2% ⚠️" in table
+    assert main([*base, "compare", "run0", "run1"]) == 0
+    assert "+10.0% ✅" in capsys.readouterr().out
+    assert main([*base, "compare", "nope"]) == 2
+    assert main([*base, "plot", "--out", str(tmp_path / "p.png"), "--metric", "decode_tps"]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert main(["bench", "--history", str(tmp_path / "empty"), "history"]) == 1
