@@ -148,7 +148,7 @@ class ModelCache:
         if manifest is None:
             return EntryState(False, f"no readable {MANIFEST_NAME}")
         if build_key is not None and manifest.build_key != build_key:
-            return EntryState(False, "built from another source, precision, recipe or tool version", manifest)
+            return EntryState(False, "the source, precision, recipe or tool versions changed", manifest)
         if (folder / IN_PROGRESS_MARKER).exists():
             return EntryState(False, f"{IN_PROGRESS_MARKER} present (incomplete install)", manifest)
         for rel, record in manifest.files.items():

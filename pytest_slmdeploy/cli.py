@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--trust-remote-code", action="store_true", help="allow models with their own code")
 
     commands.add_parser("ls", help="list installed models (like `foundry cache ls`)")
+    fingerprint = commands.add_parser("fingerprint", help="print a model folder's content hash (for CI cache keys)")
+    fingerprint.add_argument("model", type=Path)
     verify = commands.add_parser("verify", help="re-hash an installed model's files against its manifest")
     verify.add_argument("name")
     remove = commands.add_parser("rm", help="remove an installed model")
@@ -135,6 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ls(cache)
         if args.command == "verify":
             return _verify(cache, check_model_name(args.name))
+        if args.command == "fingerprint":
+            from pytest_slmdeploy.source import fingerprint as content_hash
+            from pytest_slmdeploy.source import inspect_source
+
+            print(content_hash(inspect_source(args.model).path))
+            return 0
         if args.command == "bench":
             return _bench(args)
         if args.command == "rm":

@@ -50,3 +50,10 @@ def test_bench_history_compare_plot(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([*base, "plot", "--out", str(tmp_path / "p.png"), "--metric", "decode_tps"]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert main(["bench", "--history", str(tmp_path / "empty"), "history"]) == 1
+
+
+def test_fingerprint_is_the_build_keys_source_hash(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_slmdeploy.source import fingerprint
+
+    assert main(["fingerprint", str(tiny_model)]) == 0
+    assert capsys.readouterr().out.strip() == fingerprint(tiny_model)

@@ -223,6 +223,10 @@ def load_case_file(path: Path) -> list[Case]:
     except (OSError, UnicodeDecodeError) as exc:
         raise CaseFileError(f"{path}: cannot be read ({exc})") from None
     except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError: a syntax error in the file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:  # PyYAML: say where, in one line
+            first = f"{getattr(exc, 'problem', None) or exc} (line {mark.line + 1}, column {mark.column + 1})"
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaseFileError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {first}") from None
     return parse_cases(data, str(path))
