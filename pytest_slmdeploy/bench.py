@@ -124,9 +124,21 @@ def memory_bandwidth_bytes_per_s(size_mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
-def bandwidth_efficiency(decode_tps: float, weight_bytes: int, bandwidth: float) -> float:
-    """Decode tokens/s as a share of the bound ``bandwidth / bytes read per token`` (all weights), in %."""
-    bound = bandwidth / weight_bytes if weight_bytes else 0.0
+def bytes_read_per_token(model_dir: Path) -> int:
+    """Weight bytes one decode step reads: every weight but the embedding table, of which it reads one row.
+
+    ModelBuilder keeps the embedding table in fp32 (4 bytes) at every precision here; the LM head is a
+    separate (quantized) matrix even when the source ties them.
+    """
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.onnx*"))
+    model = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    embedding = int(model["vocab_size"]) * int(model["decoder"]["hidden_size"]) * 4
+    return max(weights - embedding, weights // 10)
+
+
+def bandwidth_efficiency(decode_tps: float, bytes_per_token: int, bandwidth: float) -> float:
+    """Decode tokens/s as a share of the memory-bound ``bandwidth / bytes read per token``, in %."""
+    bound = bandwidth / bytes_per_token if bytes_per_token else 0.0
     return 100 * decode_tps / bound if bound else 0.0
 
 

@@ -246,11 +246,11 @@ def test_benchmark_generation(
     assert stats.decode_tps > 0
     assert stats.ttft_ms > 0
     if reference:
-        from pytest_slmdeploy.bench import BENCH_PREFIX, bandwidth_efficiency, memory_bandwidth_bytes_per_s
+        from pytest_slmdeploy import bench
 
-        weights = sum(p.stat().st_size for p in slm_deployment.entry_dir.glob("*.onnx*"))
-        efficiency = bandwidth_efficiency(stats.decode_tps, weights, memory_bandwidth_bytes_per_s())
-        request.node.user_properties.append((f"{BENCH_PREFIX}bandwidth_efficiency", round(efficiency, 2)))
+        per_token = bench.bytes_read_per_token(slm_deployment.entry_dir)
+        efficiency = bench.bandwidth_efficiency(stats.decode_tps, per_token, bench.memory_bandwidth_bytes_per_s())
+        request.node.user_properties.append((f"{bench.BENCH_PREFIX}bandwidth_efficiency", round(efficiency, 2)))
         slm_figure("bandwidth efficiency %", round(efficiency, 1))
 
 

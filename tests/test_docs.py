@@ -1,0 +1,63 @@
+"""The docs cannot rot: every option is documented, and the examples parse and run."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pytest_slmdeploy.checklist.cases import parse_cases
+from pytest_slmdeploy.plugin import _OPTIONS
+from pytest_slmdeploy.settings import LIMITS
+
+DOCS = Path(__file__).parents[1] / "docs"
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _blocks(path: Path, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_every_option_and_ini_key_is_documented() -> None:
+    text = (DOCS / "configuration.md").read_text()
+    for flag, key, *_ in _OPTIONS:
+        assert f"`{flag}" in text, flag
+        assert f"`{key}`" in text, key
+    limits = (DOCS / "checklist.md").read_text()
+    for key in LIMITS:
+        assert f"`slm_{key}`" in limits, key
+
+
+@pytest.mark.parametrize("path", [*sorted(DOCS.glob("*.md")), README], ids=lambda p: p.name)
+def test_python_examples_are_valid_python(path: Path) -> None:
+    for block in _blocks(path, "python"):
+        ast.parse(block)
+
+
+def test_case_file_examples_are_valid_case_files() -> None:
+    import tomllib
+
+    page = DOCS / "checklist.md"
+    yaml_cases = [c for block in _blocks(page, "yaml") for c in parse_cases(yaml.safe_load(block), "docs")]
+    toml_cases = [c for block in _blocks(page, "toml") for c in parse_cases(tomllib.loads(block), "docs")]
+    assert len(yaml_cases) >= 3
+    assert len(toml_cases) >= 1
+
+
+def test_ini_examples_are_valid_settings(pytester: pytest.Pytester) -> None:
+    """The pyproject examples in the docs configure the plugin without an error."""
+    pytester.makepyfile("def test_settings(slm_settings):\n    assert slm_settings.precision\n")
+    checked = 0
+    for page in [README, DOCS / "index.md", DOCS / "configuration.md"]:
+        for block in _blocks(page, "toml"):
+            if "[tool.pytest.ini_options]" not in block:
+                continue
+            # Everything but the model (building one is other tests' job): the values must validate.
+            pytester.makepyprojecttoml(re.sub(r'slm_model = "[^"]*"', 'slm_model = ""', block))
+            result = pytester.runpytest("-p", "no:cacheprovider")
+            assert result.ret == 0, (page.name, result.stderr.str())
+            checked += 1
+    assert checked >= 3
