@@ -65,6 +65,15 @@ class Manifest:
     def size_ratio(self) -> float:
         return self.model_bytes / self.source_bytes if self.source_bytes else 0.0
 
+    def figures(self) -> dict[str, float]:
+        """The build's key figures, named as the reports and the benchmark history name them."""
+        return {
+            "model_mb": round(self.model_bytes / 1e6, 3),
+            "size_ratio": round(self.size_ratio, 4),
+            "build_s": self.build_seconds,
+            "build_peak_rss_mb": round(self.build_peak_rss_bytes / 1e6, 1),
+        }
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 

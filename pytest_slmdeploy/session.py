@@ -195,12 +195,7 @@ class SlmDeploySession:
         metrics = dict(self.bench_metrics)
         manifest = plan.state().manifest
         if manifest is not None:
-            metrics.update(
-                model_mb=round(manifest.model_bytes / 1e6, 3),
-                size_ratio=round(manifest.size_ratio, 4),
-                build_s=manifest.build_seconds,
-                build_peak_rss_mb=round(manifest.build_peak_rss_bytes / 1e6, 1),
-            )
+            metrics.update(manifest.figures())
         if isinstance(self._deployment, Deployment) and self._deployment.cache_hit:
             metrics["warm_start_s"] = round(self._deployment.stage_seconds, 4)
         record = bench.RunRecord(
@@ -244,10 +239,7 @@ class SlmDeploySession:
         manifest = plan.state().manifest
         if manifest is not None:
             facts.update(
-                size_mb=round(manifest.model_bytes / 1e6, 2),
-                size_ratio=round(manifest.size_ratio, 3),
-                build_s=manifest.build_seconds,
-                build_peak_rss_mb=round(manifest.build_peak_rss_bytes / 1e6),
+                **manifest.figures(),
                 cache="rebuilt" if manifest.created_at >= self.started else "reused",
                 fingerprint=plan.source_fingerprint[:12],
             )
