@@ -61,3 +61,20 @@ def test_ini_examples_are_valid_settings(pytester: pytest.Pytester) -> None:
             assert result.ret == 0, (page.name, result.stderr.str())
             checked += 1
     assert checked >= 3
+
+
+def test_test_examples_pass_against_a_real_model(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
+    """Every documented test function runs green on the tiny FAQ model (the docs use its domain)."""
+    examples = [
+        block
+        for page in [README, *sorted(DOCS.glob("*.md"))]
+        for block in _blocks(page, "python")
+        if "def test_" in block
+    ]
+    assert len(examples) >= 4
+    for i, block in enumerate(examples):
+        pytester.makepyfile(**{f"test_doc_example_{i}": block})
+    result = pytester.runpytest_subprocess(
+        "--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-no-suite", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=len(examples))
