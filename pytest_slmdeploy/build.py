@@ -71,14 +71,14 @@ def olive_passes(source: SourceModel, precision: str) -> dict[str, Any]:
     raise BuildError(f"unknown precision {precision!r}: use int4, int8, fp32 or fp16")
 
 
-def olive_config(source: SourceModel, precision: str) -> dict[str, Any]:
+def olive_config(source: SourceModel, precision: str, *, trust_remote_code: bool = False) -> dict[str, Any]:
     """An ``olive run`` workflow config, as in the tutorial's Method 2 (output folders added by :func:`run_olive`)."""
     return {
         "input_model": {
             "type": "HfModel",
             "model_path": str(source.path),
             "task": "text-generation",
-            "load_kwargs": {"trust_remote_code": False},
+            "load_kwargs": {"trust_remote_code": trust_remote_code},  # only ever the user's explicit choice
         },
         "systems": {
             "local_system": {

@@ -137,7 +137,7 @@ def prepare(settings: Settings, *, adjust_recipe: RecipeHook | None = None) -> P
         template.derive_prompt_template(chat_template, source.tokenizer_config)
     except template.TemplateError as exc:
         raise SourceError(f"{source.path}: {exc}") from None
-    recipe = build.olive_config(source, settings.precision)
+    recipe = build.olive_config(source, settings.precision, trust_remote_code=settings.trust_remote_code)
     if adjust_recipe is not None:
         recipe = adjust_recipe(recipe)
     cache = ModelCache(settings.cache_dir)

@@ -91,3 +91,10 @@ def test_manifest_and_rebuild(tiny_model: Path, warm_cache: Path) -> None:
     assert 0.2 < manifest.size_ratio < 1.0
     recorded = json.loads((deployment.entry_dir / "slmdeploy_manifest.json").read_text())
     assert recorded["build_key"] == prepare(settings).key
+
+
+def test_remote_code_is_trusted_only_when_asked(tiny_model: Path) -> None:
+    source = inspect_source(tiny_model)
+    assert build.olive_config(source, "int4")["input_model"]["load_kwargs"] == {"trust_remote_code": False}
+    trusted = build.olive_config(source, "int4", trust_remote_code=True)
+    assert trusted["input_model"]["load_kwargs"] == {"trust_remote_code": True}
