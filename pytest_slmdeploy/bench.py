@@ -98,19 +98,6 @@ def metrics_of(properties: Iterable[tuple[str, Any]]) -> dict[str, float]:
     return {k.removeprefix(BENCH_PREFIX): float(v) for k, v in properties if k.startswith(BENCH_PREFIX)}
 
 
-def measure_generations(
-    generate: Callable[[], Generation], *, rounds: int, warmup: int
-) -> tuple[GenerationStats, list[Generation]]:
-    """Warm up, then time ``rounds`` generations, sampling peak RSS and CPU use of this process."""
-    for _ in range(warmup):
-        generate()
-    process = psutil.Process()
-    process.cpu_percent(None)
-    with PeakRss() as rss:
-        runs = [generate() for _ in range(rounds)]
-    return GenerationStats.of(runs, rss.peak, process.cpu_percent(None)), runs
-
-
 def memory_bandwidth_bytes_per_s(size_mb: int = 256, repeats: int = 5) -> float:
     """Copy bandwidth (bytes read + written per second), the bound of memory-bound decoding."""
     import numpy as np

@@ -47,10 +47,6 @@ class SourceModel:
     tokenizer_config: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def model_type(self) -> str:
-        return str(self.config.get("model_type", ""))
-
-    @property
     def context_length(self) -> int | None:
         value = self.config.get("max_position_embeddings")
         return int(value) if isinstance(value, int) else None
