@@ -1,0 +1,143 @@
+"""Timing verdicts that noise cannot fake: interleaved rounds, medians, a paired bootstrap interval.
+
+A verdict about time compares two conditions measured in the same run, A and B
+(a short and a long prompt, a bare loop and the plugin's), one round of each
+after the other so a change in machine load hits both alike. The claim checked
+is ``median(B) <= factor * median(A) + slack``. The paired bootstrap resamples
+whole rounds and gives an interval for the excess ``median(B) - (factor *
+median(A) + slack)``: entirely at or below zero passes, entirely above fails,
+and an interval that straddles zero is *inconclusive*: the spread seen in this
+run is too wide to decide, and the check says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from statistics import median
+from typing import Literal, TypeVar
+
+Verdict = Literal["pass", "fail", "inconclusive"]
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The decision on ``median(B) <= factor * median(A) + slack`` and the evidence for it."""
+
+    what: str
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+    factor: float
+    slack: float
+    excess_low: float  # bootstrap interval of median(B) - (factor * median(A) + slack)
+    excess_high: float
+    unit: str = "s"
+
+    @property
+    def rounds(self) -> int:
+        return len(self.a)
+
+    @property
+    def ratio(self) -> float:
+        """median(B) / median(A)."""
+        mid_a = median(self.a)
+        return median(self.b) / mid_a if mid_a else float("inf")
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.excess_high <= 0:
+            return "pass"
+        if self.excess_low > 0:
+            return "fail"
+        return "inconclusive"
+
+    @property
+    def spread(self) -> float:
+        """Width of the interval relative to the allowed value (how noisy this run was)."""
+        allowed = self.allowed
+        return (self.excess_high - self.excess_low) / allowed if allowed else float("inf")
+
+    @property
+    def allowed(self) -> float:
+        return self.factor * median(self.a) + self.slack
+
+    def explain(self) -> str:
+        b, allowed = median(self.b), self.allowed
+        head = (
+            f"{self.what}: {_fmt(b, self.unit)} vs allowed {_fmt(allowed, self.unit)} "
+            f"({self.factor:.3g} x {_fmt(median(self.a), self.unit)}"
+            + (f" + {_fmt(self.slack, self.unit)}" if self.slack else "")
+            + f"), {self.rounds} interleaved rounds"
+        )
+        interval = f"excess {_fmt(self.excess_low, self.unit)}..{_fmt(self.excess_high, self.unit)}"
+        if self.verdict == "inconclusive":
+            return f"inconclusive: {head}; {interval} straddles 0 (spread {self.spread:.0%} of the allowed value)"
+        return f"{self.verdict}: {head}; {interval}"
+
+
+def _fmt(seconds: float, unit: str) -> str:
+    if unit != "s":
+        return f"{seconds:.4g} {unit}"
+    if abs(seconds) >= 1:
+        return f"{seconds:.3g} s"
+    if abs(seconds) >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def compare(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    factor: float = 1.0,
+    slack: float = 0.0,
+    what: str = "B vs A",
+    unit: str = "s",
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Comparison:
+    """Decide ``median(b) <= factor * median(a) + slack`` from paired (interleaved) rounds."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need the same number of rounds of both conditions, got {len(a)} and {len(b)}")
+    rng = random.Random(seed)
+    n = len(a)
+    excesses = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        excesses.append(median(b[i] for i in idx) - (factor * median(a[i] for i in idx) + slack))
+    excesses.sort()
+    tail = (1 - confidence) / 2
+    low = excesses[int(tail * (resamples - 1))]
+    high = excesses[int((1 - tail) * (resamples - 1))]
+    return Comparison(what, tuple(a), tuple(b), factor, slack, low, high, unit)
+
+
+def interleaved(
+    conditions: Sequence[Callable[[], T]],
+    *,
+    min_rounds: int,
+    max_rounds: int,
+    budget_s: float,
+    decided: Callable[[list[list[T]]], bool] | None = None,
+) -> list[list[T]]:
+    """Run one measurement of each condition per round (A, B, C, A, B, C, ...).
+
+    Stops after ``max_rounds``, or once past ``min_rounds`` when ``decided(samples)`` says the
+    verdict is settled or the time budget is spent. Returns one list of samples per condition.
+    """
+    samples: list[list[T]] = [[] for _ in conditions]
+    start = time.perf_counter()
+    for round_ in range(max_rounds):
+        for i, measure in enumerate(conditions):
+            samples[i].append(measure())
+        if round_ + 1 >= min_rounds and (
+            time.perf_counter() - start > budget_s or (decided is not None and decided(samples))
+        ):
+            break
+    return samples
