@@ -27,5 +27,9 @@ class RuntimeBackendError(SlmDeployError):
     """A backend could not load the model or generate."""
 
 
+class ContextOverflowError(RuntimeBackendError):
+    """The prompt does not fit the model's context: the one refusal the edge checks accept."""
+
+
 class GenerationOptionsError(SlmDeployError, ValueError):
     """Invalid generation settings (max tokens, temperature, top_p, ...)."""

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_slmdeploy.errors import RuntimeBackendError
+from pytest_slmdeploy.errors import ContextOverflowError, RuntimeBackendError
 from pytest_slmdeploy.runtime.protocol import Generation, GenerationOptions, PromptInput, as_messages
 
 
@@ -28,11 +28,16 @@ class OrtGenaiBackend:
         config = json.loads((model_dir / "genai_config.json").read_text())
         self.context_length = int(config["model"]["context_length"])
         self.eos_token_ids = _as_list(config["model"]["eos_token_id"])
+        self.vocab_size = int(config["model"]["vocab_size"])
 
     def render(self, prompt: PromptInput, system: str | None = None) -> str:
         """The prompt text exactly as the model's own chat template makes it."""
         messages = as_messages(prompt, system)
-        return str(self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+        try:
+            return str(self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+        except RuntimeError as exc:  # the template's own raise_exception(), or a Jinja error, in native code
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RuntimeBackendError(f"the model's chat template refused the conversation: {reason}") from None
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
@@ -43,7 +48,7 @@ class OrtGenaiBackend:
     def generate(self, prompt: PromptInput, options: GenerationOptions, system: str | None = None) -> Generation:
         prompt_ids = self.encode(self.render(prompt, system))
         if len(prompt_ids) >= self.context_length:
-            raise RuntimeBackendError(
+            raise ContextOverflowError(
                 f"prompt is {len(prompt_ids)} tokens; the model's context is {self.context_length} "
                 "(prompt plus at least one new token must fit)"
             )
@@ -53,7 +58,9 @@ class OrtGenaiBackend:
         if options.min_new_tokens:
             search["min_length"] = min(max_length, len(prompt_ids) + options.min_new_tokens)
         if options.do_sample:
-            search.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+            # A top_k over the vocabulary aborts the process in ORT GenAI 0.14; it means "no top-k filter".
+            top_k = min(options.top_k, self.vocab_size)
+            search.update(temperature=options.temperature, top_p=options.top_p, top_k=top_k)
             if options.seed is not None:
                 search["random_seed"] = options.seed
         params.set_search_options(**search)
