@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
-from pytest_slmdeploy.errors import GenerationOptionsError, RuntimeBackendError
+from pytest_slmdeploy.errors import ContextOverflowError, GenerationOptionsError, RuntimeBackendError
 from pytest_slmdeploy.runtime import GenerationOptions, SlmModel, as_messages, open_model
 
 
@@ -63,8 +64,26 @@ def test_sampling_with_a_seed_repeats(ort_model: SlmModel) -> None:
     assert ort_model.generate("Hello", **kwargs).text == ort_model.generate("Hello", **kwargs).text  # type: ignore[arg-type]
 
 
+def test_top_k_over_the_vocabulary_means_no_filter(ort_model: SlmModel) -> None:
+    # Passed through as is, ORT GenAI 0.14 aborts the whole process on an assertion.
+    kwargs = {"max_new_tokens": 8, "do_sample": True, "top_k": 10**6, "seed": 3}
+    assert ort_model.generate("Hello", **kwargs).finish_reason in ("stop", "length")  # type: ignore[arg-type]
+
+
+def test_a_chat_template_refusal_is_one_clear_error(warm_cache: Path, tmp_path: Path) -> None:
+    entry = Path(shutil.copytree(warm_cache / "custom" / "faq-int4", tmp_path / "entry"))
+    template = entry / "chat_template.jinja"
+    template.write_text("{{ raise_exception('roles must alternate') }}" + template.read_text())
+    model = open_model("ort-genai", entry, cache_root=tmp_path, model_name="entry")
+    with pytest.raises(
+        RuntimeBackendError, match=r"^the model's chat template refused the conversation: roles must alt"
+    ):
+        model.generate("Hello")
+    model.close()
+
+
 def test_prompt_longer_than_the_context(ort_model: SlmModel) -> None:
-    with pytest.raises(RuntimeBackendError, match=r"prompt is \d+ tokens; the model's context is 512"):
+    with pytest.raises(ContextOverflowError, match=r"prompt is \d+ tokens; the model's context is 512"):
         ort_model.generate("word " * 600)
 
 
