@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAMILY_PROPERTY = "slm_family"
+INCONCLUSIVE_PROPERTY = "slm_inconclusive"  # a timing verdict this run's noise could not decide (the message)
 FIGURE_PREFIX = "slm:"  # user property "slm:<figure name>" -> value; JUnit shows it as is
 
 # The tutorial's quality checklist, in its order, then the deployment and benchmark families.
@@ -48,6 +49,7 @@ class FamilyResult:
     skipped: int = 0
     figures: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    inconclusive: list[str] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -77,6 +79,8 @@ class RunReport:
         for key, value in props:
             if isinstance(key, str) and key.startswith(FIGURE_PREFIX):
                 result.figures[key.removeprefix(FIGURE_PREFIX)] = value
+            elif key == INCONCLUSIVE_PROPERTY and when == "call":
+                result.inconclusive.append(str(value))
         if when == "call" or outcome != "passed":
             if outcome == "passed":
                 result.passed += 1
@@ -107,6 +111,7 @@ class RunReport:
                     "skipped": r.skipped,
                     "figures": r.figures,
                     "failures": r.failures,
+                    "inconclusive": r.inconclusive,
                 }
                 for r in self.ordered()
             ],
@@ -121,6 +126,8 @@ class RunReport:
         rows = []
         for r in self.ordered():
             counts = f"{r.passed}/{r.passed + r.failed}" + (f" ({r.skipped} skipped)" if r.skipped else "")
+            if r.inconclusive:
+                counts += f" ({len(r.inconclusive)} inconclusive)"
             figures = ", ".join(f"{k} {_fmt(v)}" for k, v in r.figures.items())
             rows.append((r.status, r.title, counts, figures))
         return rows
@@ -134,6 +141,9 @@ class RunReport:
             f"{status:<7} {title:<{width}}  {counts:<8} {figures}".rstrip() for status, title, counts, figures in rows
         ]
 
+    def inconclusive_lines(self) -> list[str]:
+        return [f"{r.title}: {message}" for r in self.ordered() for message in r.inconclusive]
+
     def to_markdown(self) -> str:
         name = self.model.get("name", "model")
         lines = [
@@ -145,6 +155,10 @@ class RunReport:
         icons = {"pass": "✅", "FAIL": "❌", "skipped": "⏭️"}
         for status, title, counts, figures in self.table_rows():
             lines.append(f"| {icons[status]} | {title} | {counts} | {figures or '-'} |")
+        undecided = self.inconclusive_lines()
+        if undecided:
+            lines += ["", "Timing verdicts this run's noise could not decide (not failures):", ""]
+            lines += [f"- {line}" for line in undecided]
         details = ", ".join(f"{k}: {v}" for k, v in self.model.items() if k != "name")
         if details:
             lines += ["", details]

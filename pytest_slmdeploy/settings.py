@@ -53,18 +53,22 @@ LIMITS: dict[str, tuple[float, str]] = {
     "memory_seconds": (60, "time budget of the soak in seconds"),
     "memory_max_mb_per_1k": (8.0, "allowed RSS growth in MB per 1,000 generations (robust slope)"),
     "memory_load_cycles": (6, "load/unload cycles in the reload check"),
-    "memory_max_mb_per_load": (8.0, "allowed RSS growth in MB per load/unload cycle"),
+    "memory_max_load_share": (0.1, "allowed RSS growth per load/unload cycle, as a share of the model's size"),
+    "memory_load_slack_mb": (0.5, "absolute slack in MB per load/unload cycle for allocator noise"),
     "lengths_points": (4, "prompt lengths tried, from 16 tokens up to the context"),
     "lengths_max_tokens": (1024, "longest prompt tried, in tokens (capped by the context)"),
     "lengths_ttft_tolerance": (1.0, "TTFT may grow up to linear x (1 + this) with prompt length"),
     "lengths_ttft_slack_ms": (20.0, "absolute TTFT slack in ms for timer noise on tiny models"),
-    "lengths_decode_band": (0.5, "decode tok/s at the longest prompt may fall by at most this share"),
+    "lengths_decode_band": (0.5, "decode tok/s at any length may fall by at most this share of the shortest prompt's"),
     "lengths_decode_slack_ms": (0.5, "absolute slack in ms per decoded token for timer noise on tiny models"),
+    "lengths_new_tokens": (16, "tokens generated per timed round at each length"),
+    "lengths_min_rounds": (5, "interleaved timing rounds before a verdict may be taken"),
+    "lengths_max_rounds": (20, "most timing rounds; still undecided then means inconclusive"),
+    "lengths_seconds": (30, "time budget of the timing rounds in seconds (after the minimum rounds)"),
     "edge_examples": (40, "hypothesis examples of unusual prompts"),
     "benchmark_rounds": (10, "timed generations per benchmark (after warm-up)"),
     "benchmark_warmup": (2, "untimed generations before a benchmark"),
     "benchmark_new_tokens": (32, "answer length of a benchmark generation (fixed: the end token is ignored)"),
-    "benchmark_max_overhead": (0.05, "the plugin's decode loop may be at most this share slower than a bare one"),
 }
 
 
@@ -83,6 +87,7 @@ class Settings:
     trust_remote_code: bool = False
     lock_timeout: float = 1800.0
     suite: bool = True
+    fail_inconclusive: bool = False
     report: Path | None = None
     bench_history: Path | None = None
     bench_save: bool = False
@@ -170,6 +175,7 @@ def resolve_settings(
         trust_remote_code=_as_bool("slm_trust_remote_code", get("slm_trust_remote_code") or False),
         lock_timeout=lock_timeout,
         suite=_as_bool("slm_suite", True if get("slm_suite") is None else get("slm_suite")),
+        fail_inconclusive=_as_bool("slm_fail_inconclusive", get("slm_fail_inconclusive") or False),
         report=path("slm_report"),
         bench_history=path("slm_bench_history") or ini_dir / ".slmdeploy" / "history",
         bench_save=_as_bool("slm_bench_save", get("slm_bench_save") or False),

@@ -9,7 +9,7 @@ import pytest
 from pytest_slmdeploy.checklist import edge, lengths, memory
 from pytest_slmdeploy.checklist import format as fmt
 from pytest_slmdeploy.checklist.cases import CaseFileError, check_case, load_case_file, parse_cases
-from pytest_slmdeploy.errors import GenerationOptionsError, RuntimeBackendError
+from pytest_slmdeploy.errors import ContextOverflowError, GenerationOptionsError, RuntimeBackendError
 from pytest_slmdeploy.runtime import Generation
 
 
@@ -122,24 +122,41 @@ def test_soak_sees_a_leak() -> None:
     assert abs(calm.mb_per_1k) < 50
 
 
-def test_length_sweep_and_judge() -> None:
+def timed(prompt_tokens: int, ttft_s: float, per_token_s: float, text: str = "ok", finish: str = "stop") -> Generation:
+    return Generation(text, prompt_tokens, 17, finish, ttft_s, ttft_s + 16 * per_token_s)  # type: ignore[arg-type]
+
+
+def test_length_sweep_and_answers() -> None:
     assert lengths.sweep_lengths(512, max_tokens=1024, points=4) == [16, 50, 158, 496]
     assert lengths.sweep_lengths(64, max_tokens=1024, points=4) == [16, 23, 33, 48]
-    assert max(lengths.sweep_lengths(64, max_tokens=1024, points=4)) <= 48
     assert lengths.prompt_of_tokens(10, lambda text: len(text.split())).count(" ") == 9
-    point = lengths.LengthPoint
-    ok = [point(16, 0.01, 100.0, ("stop",)), point(256, 0.15, 90.0, ("stop",))]
-    assert lengths.judge(ok, ttft_tolerance=0.5, ttft_slack_s=0, decode_band=0.5).passed
-    quadratic = [point(16, 0.01, 100.0, ("stop",)), point(256, 2.56, 90.0, ("stop",))]
-    assert (
-        "more than linear growth"
-        in lengths.judge(quadratic, ttft_tolerance=0.5, ttft_slack_s=0, decode_band=0.5).problems[0]
+    assert lengths.answer_problems([timed(16, 0.01, 0.01), timed(496, 0.1, 0.01, text="x", finish="length")]) == []
+    silent = lengths.answer_problems([timed(16, 0.01, 0.01), timed(496, 0.1, 0.01, text="  ")])
+    assert silent == ["empty answer at 496 prompt tokens (stop)"]
+
+
+def _judge(short: list[Generation], long: list[Generation]) -> list[str]:
+    comparisons = lengths.compare_lengths(
+        [short, long], ttft_tolerance=0.5, ttft_slack_s=0.0, decode_band=0.5, decode_slack_s=0.0
     )
-    slow = [point(16, 0.01, 100.0, ("stop",)), point(256, 0.1, 20.0, ("stop",))]
-    assert "decode falls" in lengths.judge(slow, ttft_tolerance=1, ttft_slack_s=0, decode_band=0.5).problems[0]
+    return [c.verdict for c in comparisons]
 
 
-def test_edge_helpers() -> None:
+def test_length_timing_verdicts() -> None:
+    short = [timed(16, 0.010 + i * 1e-4, 0.010 + i * 1e-4) for i in range(8)]
+    linear = [timed(256, 0.15 + i * 1e-3, 0.011 + i * 1e-4) for i in range(8)]
+    assert _judge(short, linear) == ["pass", "pass"]
+    quadratic = [timed(256, 2.56 + i * 1e-3, 0.011) for i in range(8)]
+    assert _judge(short, quadratic)[0] == "fail"
+    slow_decode = [timed(256, 0.15, 0.05 + i * 1e-4) for i in range(8)]
+    assert _judge(short, slow_decode)[1] == "fail"
+    # Noise as wide as the effect: half the rounds hit by a scheduler stall in either condition.
+    noisy_short = [timed(16, 0.01, 0.01 if i % 2 else 0.05) for i in range(8)]
+    noisy_long = [timed(256, 0.15, 0.015 if i % 3 else 0.06) for i in range(8)]
+    assert _judge(noisy_short, noisy_long)[1] == "inconclusive"
+
+
+def test_edge_outcomes() -> None:
     def refusing(prompt: str, **options: object) -> Generation:
         raise GenerationOptionsError("no")
 
@@ -147,9 +164,39 @@ def test_edge_helpers() -> None:
         return gen("fine")
 
     def too_long(prompt: str, **options: object) -> Generation:
-        raise RuntimeBackendError("prompt is 9 tokens; the model's context is 8")
+        raise ContextOverflowError("prompt is 9 tokens; the model's context is 8")
+
+    def template_refuses(prompt: str, **options: object) -> Generation:
+        raise RuntimeBackendError("the model's chat template refused the conversation: empty message")
+
+    def crashes(prompt: str, **options: object) -> Generation:
+        raise IndexError("list index out of range\nmore")
 
     assert edge.refuses(refusing, {"max_new_tokens": 0}) is None
     assert edge.refuses(accepting, {"max_new_tokens": 0}) == "{'max_new_tokens': 0}: accepted"
-    assert edge.survive(too_long, "x", 4).error is not None
+    assert edge.survive(too_long, "x", 4).refused is not None
+    assert edge.survive(too_long, "x", 4).passed
     assert edge.survive(accepting, "x", 4).text == "fine"
+    refused = edge.survive(template_refuses, "", 4)
+    assert not refused.passed
+    assert "refused a prompt that fits the context" in str(refused.problem)
+    crash = edge.survive(crashes, "\x00", 4)
+    assert crash.problem == "crashed: IndexError: list index out of range"
+    assert "2 of 3 unusual prompts were not handled" in edge.explain_problems([refused, crash, edge.EdgeOutcome("a")])
+
+
+def test_sampling_check() -> None:
+    def honest(prompt: str, max_new_tokens: int, do_sample: bool = False, seed: int = 0, **_: object) -> Generation:
+        return gen(f"sampled {seed}" if do_sample else "greedy")
+
+    def greedy_only(prompt: str, max_new_tokens: int, **_: object) -> Generation:
+        return gen("greedy")
+
+    def unseeded(prompt: str, max_new_tokens: int, do_sample: bool = False, **_: object) -> Generation:
+        unseeded.calls += 1  # type: ignore[attr-defined]
+        return gen(f"sampled {unseeded.calls}" if do_sample else "greedy")  # type: ignore[attr-defined]
+
+    unseeded.calls = 0  # type: ignore[attr-defined]
+    assert edge.check_sampling(honest, "Hi").problems == ()
+    assert "do not reach the runtime" in edge.check_sampling(greedy_only, "Hi").problems[0]
+    assert "the same seed gave different answers" in edge.check_sampling(unseeded, "Hi").problems[0]

@@ -1,13 +1,21 @@
-"""Checklist item 5: edge cases and invalid input never crash the runtime."""
+"""Checklist item 5: edge cases and invalid input, judged at the runtime, not at the plugin's front door.
+
+Every unusual prompt that fits the context must get an answer (the only accepted
+refusal is :class:`ContextOverflowError` for a prompt over the context), and
+sampling settings must reach the runtime: a seed repeats its answer, and
+different seeds at a high temperature do not all give the greedy answer.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_slmdeploy.errors import GenerationOptionsError, RuntimeBackendError
+from pytest_slmdeploy.errors import ContextOverflowError, GenerationOptionsError, RuntimeBackendError
+from pytest_slmdeploy.runtime import Generation
 
-# Settings that must be refused with GenerationOptionsError, never reach the runtime.
+# Settings the plugin refuses with GenerationOptionsError before they reach the runtime.
 INVALID_OPTIONS: tuple[dict[str, Any], ...] = (
     {"max_new_tokens": 0},
     {"max_new_tokens": -5},
@@ -43,19 +51,82 @@ def prompts_strategy(template_tokens: frozenset[str], max_chars: int) -> Any:
 
 @dataclass(frozen=True)
 class EdgeOutcome:
+    """What one unusual prompt got: an answer, the documented over-context refusal, or a problem."""
+
     prompt: str
-    text: str | None
-    error: str | None  # a documented, clear error (e.g. over-long prompt); crashes are raised, not stored
+    text: str | None = None
+    refused: str | None = None  # ContextOverflowError: documented, acceptable
+    problem: str | None = None  # anything else: a crash, a refusal of a prompt that fits, broken text
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None
 
 
-def survive(generate: Any, prompt: str, max_new_tokens: int) -> EdgeOutcome:
-    """Generate for ``prompt``; a documented RuntimeBackendError is an acceptable outcome, anything else raises."""
+def survive(generate: Callable[..., Generation], prompt: str, max_new_tokens: int) -> EdgeOutcome:
+    """Generate for ``prompt`` and classify the outcome; never raises for what the model does."""
     try:
         answer = generate(prompt, max_new_tokens=max_new_tokens)
+    except ContextOverflowError as exc:
+        return EdgeOutcome(prompt, refused=str(exc))
     except RuntimeBackendError as exc:
-        return EdgeOutcome(prompt, None, str(exc))
-    answer.text.encode("utf-8")  # must be valid text
-    return EdgeOutcome(prompt, answer.text, None)
+        return EdgeOutcome(prompt, problem=f"refused a prompt that fits the context: {exc}")
+    except Exception as exc:  # a crash in the runtime or template is the finding itself
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return EdgeOutcome(prompt, problem=f"crashed: {type(exc).__name__}: {first}")
+    if answer.finish_reason not in ("stop", "length"):
+        return EdgeOutcome(prompt, answer.text, problem=f"unknown finish reason {answer.finish_reason!r}")
+    try:
+        answer.text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates: the runtime produced text that is not text
+        return EdgeOutcome(prompt, answer.text, problem=f"answer is not valid text: {exc.reason}")
+    return EdgeOutcome(prompt, answer.text)
+
+
+def explain_problems(outcomes: Sequence[EdgeOutcome], limit: int = 5) -> str:
+    bad = [o for o in outcomes if not o.passed]
+    lines = [f"prompt {o.prompt[:60]!r}: {o.problem}" for o in bad[:limit]]
+    more = f"\n... and {len(bad) - limit} more" if len(bad) > limit else ""
+    return f"{len(bad)} of {len(outcomes)} unusual prompts were not handled:\n" + "\n".join(lines) + more
+
+
+@dataclass(frozen=True)
+class SamplingCheck:
+    """Whether sampling settings reached the runtime, with the answers that show it."""
+
+    greedy: str
+    same_seed: tuple[str, str]
+    by_seed: tuple[str, ...]
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        found = []
+        if self.same_seed[0] != self.same_seed[1]:
+            found.append(f"the same seed gave different answers: {self.same_seed[0]!r} vs {self.same_seed[1]!r}")
+        if all(text == self.greedy for text in self.by_seed):
+            found.append(
+                f"{len(self.by_seed)} sampled answers (high temperature, different seeds) all equal the greedy "
+                f"answer {self.greedy!r}: sampling settings do not reach the runtime"
+            )
+        return tuple(found)
+
+
+def check_sampling(
+    generate: Callable[..., Generation],
+    prompt: str,
+    *,
+    max_new_tokens: int = 16,
+    temperature: float = 5.0,
+    seeds: Sequence[int] = (1, 2, 3, 4, 5, 6),
+) -> SamplingCheck:
+    """Greedy once; one seed twice; several seeds at a high temperature (which flattens any trained answer)."""
+
+    def sample(seed: int) -> str:
+        options = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 50, "seed": seed}
+        return generate(prompt, max_new_tokens=max_new_tokens, **options).text
+
+    greedy = generate(prompt, max_new_tokens=max_new_tokens).text
+    return SamplingCheck(greedy, (sample(seeds[0]), sample(seeds[0])), tuple(sample(seed) for seed in seeds))
 
 
 def refuses(generate: Any, options: dict[str, Any]) -> str | None:

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from statistics import median
 
 from pytest_slmdeploy.runtime import Generation
+from pytest_slmdeploy.stats import Comparison, compare
 
 FILLER = "The quick brown fox jumps over the lazy dog. "
-
-
-@dataclass(frozen=True)
-class LengthPoint:
-    """Median figures of a few generations at one prompt length."""
-
-    prompt_tokens: int
-    ttft_s: float
-    decode_tokens_per_s: float
-    finish_reasons: tuple[str, ...]
 
 
 def prompt_of_tokens(target: int, count_tokens: Callable[[str], int], filler: str = FILLER) -> str:
@@ -44,56 +33,54 @@ def sweep_lengths(context_length: int, *, max_tokens: int, points: int = 4, rese
     return sorted({round(low * ratio**i) for i in range(points)})
 
 
-def measure(generate: Callable[[str], Generation], prompt: str, repeats: int) -> LengthPoint:
-    runs = [generate(prompt) for _ in range(repeats)]
-    return LengthPoint(
-        prompt_tokens=runs[0].prompt_tokens,
-        ttft_s=median(r.ttft_s for r in runs),
-        decode_tokens_per_s=median(r.decode_tokens_per_s for r in runs),
-        finish_reasons=tuple(r.finish_reason for r in runs),
-    )
+def answer_problems(answers: Sequence[Generation]) -> list[str]:
+    """Every length must give a non-empty answer that stops or reaches the token limit, as short prompts do."""
+    problems = []
+    for answer in answers:
+        if not answer.text.strip():
+            problems.append(f"empty answer at {answer.prompt_tokens} prompt tokens ({answer.finish_reason})")
+        elif answer.finish_reason not in ("stop", "length"):
+            problems.append(f"unknown finish reason {answer.finish_reason!r} at {answer.prompt_tokens} tokens")
+    return problems
 
 
-@dataclass(frozen=True)
-class LengthVerdict:
-    points: tuple[LengthPoint, ...]
-    problems: tuple[str, ...]
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems
+def per_token_s(generation: Generation) -> float:
+    """Seconds per decoded token after the first (0 when nothing was decoded)."""
+    rate = generation.decode_tokens_per_s
+    return 1 / rate if rate else 0.0
 
 
-def judge(
-    points: Sequence[LengthPoint],
+def compare_lengths(
+    runs: Sequence[Sequence[Generation]],
     *,
     ttft_tolerance: float,
     ttft_slack_s: float,
     decode_band: float,
-    decode_slack_s: float = 0.0,
-) -> LengthVerdict:
-    """TTFT may grow at most linearly with prompt length (times 1 + tolerance, plus a noise slack);
-    decode tokens/s at the longest prompt stays within ``decode_band`` of the shortest (the time per
-    token may also exceed that by ``decode_slack_s``: tiny models decode in microseconds, where
-    timer and scheduler noise dominate)."""
-    problems = []
-    first = points[0]
-    for point in points[1:]:
-        allowed = first.ttft_s * (point.prompt_tokens / first.prompt_tokens) * (1 + ttft_tolerance) + ttft_slack_s
-        if point.ttft_s > allowed:
-            problems.append(
-                f"TTFT at {point.prompt_tokens} tokens is {point.ttft_s * 1000:.1f} ms, more than linear growth "
-                f"from {first.prompt_tokens} tokens allows ({allowed * 1000:.1f} ms)"
+    decode_slack_s: float,
+) -> list[Comparison]:
+    """Each length against the shortest, from interleaved rounds (``runs[i]`` = the rounds of length i).
+
+    TTFT may grow at most linearly with the prompt (times ``1 + ttft_tolerance``, plus ``ttft_slack_s``);
+    the time per decoded token may grow by at most ``1 / (1 - decode_band)`` (plus ``decode_slack_s``:
+    tiny models decode in microseconds, where the scheduler's noise is larger than any real effect).
+    """
+    first = runs[0]
+    tokens0 = first[0].prompt_tokens
+    found = []
+    for rounds in runs[1:]:
+        tokens = rounds[0].prompt_tokens
+        found.append(
+            compare(
+                [g.ttft_s for g in first], [g.ttft_s for g in rounds],
+                factor=(tokens / tokens0) * (1 + ttft_tolerance), slack=ttft_slack_s,
+                what=f"TTFT at {tokens} vs {tokens0} prompt tokens",
             )
-    last = points[-1]
-    if first.decode_tokens_per_s > 0 and last.decode_tokens_per_s > 0:
-        allowed_s = 1 / (first.decode_tokens_per_s * (1 - decode_band)) + decode_slack_s
-        slow = 1 / last.decode_tokens_per_s > allowed_s
-    else:
-        slow = False
-    if slow:
-        problems.append(
-            f"decode falls from {first.decode_tokens_per_s:.1f} tok/s at {first.prompt_tokens} tokens to "
-            f"{last.decode_tokens_per_s:.1f} at {last.prompt_tokens} (band {decode_band:.0%})"
-        )
-    return LengthVerdict(tuple(points), tuple(problems))
+        )  # fmt: skip
+        found.append(
+            compare(
+                [per_token_s(g) for g in first], [per_token_s(g) for g in rounds],
+                factor=1 / (1 - decode_band), slack=decode_slack_s,
+                what=f"time per decoded token at {tokens} vs {tokens0} prompt tokens",
+            )
+        )  # fmt: skip
+    return found

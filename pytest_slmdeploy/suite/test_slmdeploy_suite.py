@@ -7,14 +7,18 @@ One test per claim of the tutorial's checklist; limits come from ``slm_*`` ini k
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from statistics import median
 from typing import Any
 
 import pytest
 
 from pytest_slmdeploy.checklist import edge, lengths, memory
 from pytest_slmdeploy.checklist import format as fmt
-from pytest_slmdeploy.errors import RuntimeBackendError
+from pytest_slmdeploy.errors import ContextOverflowError
 from pytest_slmdeploy.foundry import is_foundry_entry
+from pytest_slmdeploy.report import INCONCLUSIVE_PROPERTY
+from pytest_slmdeploy.stats import Comparison, interleaved
 
 SMOKE_PROMPT = "Hello"
 
@@ -27,6 +31,17 @@ def _domain_prompts(request: pytest.FixtureRequest, limit: int = 16) -> list[str
         if case is not None and len(case.messages) == 1:
             prompts.append(case.messages[0]["content"])
     return prompts[:limit]
+
+
+def judge_timing(request: pytest.FixtureRequest, comparisons: list[Comparison], settings: Any) -> None:
+    """Fail on a decided failure; record an undecided one as inconclusive (failing only when asked)."""
+    failed = [c.explain() for c in comparisons if c.verdict == "fail"]
+    undecided = [c.explain() for c in comparisons if c.verdict == "inconclusive"]
+    for message in undecided:
+        request.node.user_properties.append((INCONCLUSIVE_PROPERTY, message))
+    assert not failed, "\n".join(failed)
+    if undecided and settings.fail_inconclusive:
+        pytest.fail("timing left undecided by this run's noise (--slm-fail-inconclusive):\n" + "\n".join(undecided))
 
 
 # -- deployment ---------------------------------------------------------------------------------
@@ -60,13 +75,12 @@ def test_foundry_local_loads_and_answers(slm_foundry_model: Any, slm_deployment:
 
 # -- 1. domain -----------------------------------------------------------------------------------
 @pytest.mark.slm_domain
-def test_domain_cases_exist(request: pytest.FixtureRequest, slm_deployment: Any) -> None:
-    """Domain answers are checked by case files; without any, say how to add them."""
-    if not any(getattr(item, "case", None) for item in request.session.items):
-        pytest.skip(
-            "no domain cases: put slm_cases.yaml in the model folder or slm_cases*.yaml among your tests "
-            "(see docs/checklist.md)"
-        )
+def test_domain_cases_exist(request: pytest.FixtureRequest) -> None:
+    """Only collected when the run holds no domain case: says how to add them, and counts as skipped."""
+    pytest.skip(
+        "no domain cases: put slm_cases.yaml in the model folder or slm_cases*.yaml among your tests "
+        "(see docs/checklist.md)"
+    )
 
 
 # -- 2. format -----------------------------------------------------------------------------------
@@ -145,54 +159,90 @@ def test_no_leak_over_load_unload(slm_deployment: Any, slm_settings: Any, slm_li
 
     result = memory.soak(cycle, steps=int(slm_limits["memory_load_cycles"]), warmup=2,
                          time_budget_s=slm_limits["memory_seconds"], what="load/unload", per="cycle")  # fmt: skip
-    limit = slm_limits["memory_max_mb_per_load"]
-    assert result.bytes_per_step / 1e6 <= limit, (
-        f"load/unload: RSS grows {result.bytes_per_step / 1e6:.2f} MB per cycle (limit {limit:g}); "
+    # Scaled to the model: leaking one loaded copy per cycle must fail, whatever the model's size.
+    model_mb = slm_deployment.manifest.model_bytes / 1e6
+    share, slack = slm_limits["memory_max_load_share"], slm_limits["memory_load_slack_mb"]
+    limit = share * model_mb + slack
+    grows = result.bytes_per_step / 1e6
+    assert grows <= limit, (
+        f"load/unload: RSS grows {grows:.2f} MB per cycle (limit {limit:.2f} MB = "
+        f"{share:g} x the {model_mb:.1f} MB model + {slack:g} MB); "
         f"{result.rss[0] / 1e6:.1f} -> {result.rss[-1] / 1e6:.1f} MB over {result.steps - 1} cycles"
     )
 
 
 # -- 4. input lengths ----------------------------------------------------------------------------
 @pytest.mark.slm_lengths
-def test_every_length_works_and_scales(slm_model: Any, slm_limits: dict[str, float], slm_figure: Any) -> None:
-    """Prompts from a few tokens up to the context all work; TTFT grows at most linearly; decode speed holds."""
+def test_every_length_works_and_scales(
+    request: pytest.FixtureRequest, slm_model: Any, slm_settings: Any, slm_limits: dict[str, float], slm_figure: Any
+) -> None:
+    """Prompts from a few tokens up to the context each get an answer; TTFT grows at most linearly and the
+    time per token holds, judged on interleaved rounds against the noise seen in this run."""
     backend = slm_model.backend
     context = getattr(backend, "context_length", None)
     if context is None or not hasattr(backend, "encode"):
         pytest.skip("measuring prompt lengths needs the ort-genai backend")
     targets = lengths.sweep_lengths(context, max_tokens=int(slm_limits["lengths_max_tokens"]),
                                     points=int(slm_limits["lengths_points"]))  # fmt: skip
-    points = []
-    for target in targets:
-        prompt = lengths.prompt_of_tokens(target, lambda text: len(backend.encode(backend.render(text))))
-        points.append(lengths.measure(lambda p: slm_model.generate(p, max_new_tokens=16), prompt, repeats=3))
-    slm_figure("TTFT ms by length", ", ".join(f"{p.prompt_tokens}:{p.ttft_s * 1000:.1f}" for p in points))
-    verdict = lengths.judge(
-        points,
-        ttft_tolerance=slm_limits["lengths_ttft_tolerance"],
-        ttft_slack_s=slm_limits["lengths_ttft_slack_ms"] / 1000,
-        decode_band=slm_limits["lengths_decode_band"],
-        decode_slack_s=slm_limits["lengths_decode_slack_ms"] / 1000,
+    prompts = [lengths.prompt_of_tokens(t, lambda text: len(backend.encode(backend.render(text)))) for t in targets]
+    new_tokens = int(slm_limits["lengths_new_tokens"])
+    answers = [slm_model.generate(p, max_new_tokens=new_tokens) for p in prompts]
+    problems = lengths.answer_problems(answers)
+    assert not problems, "; ".join(problems)
+
+    def timed(prompt: str) -> Callable[[], Any]:
+        return lambda: slm_model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    def compare(runs: list[list[Any]]) -> list[Comparison]:
+        return lengths.compare_lengths(
+            runs,
+            ttft_tolerance=slm_limits["lengths_ttft_tolerance"],
+            ttft_slack_s=slm_limits["lengths_ttft_slack_ms"] / 1000,
+            decode_band=slm_limits["lengths_decode_band"],
+            decode_slack_s=slm_limits["lengths_decode_slack_ms"] / 1000,
+        )
+
+    for prompt in prompts:  # warm-up: first runs at a new length allocate
+        timed(prompt)()
+    runs = interleaved(
+        [timed(p) for p in prompts],
+        min_rounds=int(slm_limits["lengths_min_rounds"]),
+        max_rounds=int(slm_limits["lengths_max_rounds"]),
+        budget_s=slm_limits["lengths_seconds"],
+        decided=lambda runs: all(c.verdict != "inconclusive" for c in compare(runs)),
     )
-    assert verdict.passed, "; ".join(verdict.problems)
+    slm_figure("TTFT ms by length", ", ".join(f"{r[0].prompt_tokens}:{median(g.ttft_s for g in r) * 1000:.1f}"
+                                              for r in runs))  # fmt: skip
+    slm_figure("timing rounds", len(runs[0]))
+    judge_timing(request, compare(runs), slm_settings)
 
 
 @pytest.mark.slm_lengths
-def test_prompt_longer_than_the_context_is_a_clear_error(slm_model: Any) -> None:
-    """A prompt over the context is refused with a clear error (documented behaviour), never a crash."""
-    context = getattr(slm_model.backend, "context_length", None)
-    if context is None:
+def test_context_boundary_is_handled(slm_model: Any) -> None:
+    """A prompt that leaves room for one token gets exactly one (the runtime at a full context); one over the
+    context gets the documented ContextOverflowError, never a crash."""
+    backend = slm_model.backend
+    context = getattr(backend, "context_length", None)
+    if context is None or not hasattr(backend, "encode"):
         pytest.skip("the context length is known with the ort-genai backend")
-    with pytest.raises(RuntimeBackendError, match="the model's context is"):
-        slm_model.generate("word " * (context + 8), max_new_tokens=4)
+    prompt = lengths.prompt_of_tokens(context - 1, lambda text: len(backend.encode(backend.render(text))))
+    answer = slm_model.generate(prompt, max_new_tokens=8)
+    room = context - answer.prompt_tokens
+    assert answer.new_tokens + (answer.finish_reason == "stop") <= room, (
+        f"{answer.prompt_tokens} prompt tokens + {answer.new_tokens} new tokens overflow the {context}-token context"
+    )
+    assert answer.finish_reason in ("stop", "length")
+    with pytest.raises(ContextOverflowError, match="the model's context is"):
+        slm_model.generate(prompt + " and more words to overflow", max_new_tokens=4)
 
 
 # -- 5. edge cases -------------------------------------------------------------------------------
 @pytest.mark.slm_edge
-def test_unusual_prompts_never_crash(
+def test_unusual_prompts_get_answers(
     slm_model: Any, slm_deployment: Any, slm_limits: dict[str, float], slm_figure: Any
 ) -> None:
-    """Hypothesis-generated prompts (empty, whitespace, unicode, emoji, RTL, control chars, NUL, template tokens)."""
+    """Hypothesis-generated prompts (empty, whitespace, unicode, emoji, RTL, control chars, NUL, template tokens)
+    each get an answer; only a prompt over the context may be refused, with ContextOverflowError."""
     from hypothesis import HealthCheck, given, settings
 
     special = fmt.SpecialTokens.from_model_dir(slm_deployment.entry_dir)
@@ -205,16 +255,17 @@ def test_unusual_prompts_never_crash(
         tried.append(edge.survive(slm_model.generate, prompt, max_new_tokens=8))
 
     check()
-    slm_figure("edge cases tried", len(tried))
-    slm_figure("clear errors", sum(o.error is not None for o in tried))
+    slm_figure("edge prompts tried", len(tried))
+    slm_figure("over-context refusals", sum(o.refused is not None for o in tried))
     assert tried
+    assert all(o.passed for o in tried), edge.explain_problems(tried)
 
 
 @pytest.mark.slm_edge
-def test_invalid_settings_are_refused(slm_model: Any) -> None:
-    """Zero/negative token limits and out-of-range sampling settings get a clear GenerationOptionsError."""
-    accepted = [problem for options in edge.INVALID_OPTIONS if (problem := edge.refuses(slm_model.generate, options))]
-    assert not accepted, "invalid settings were not refused: " + "; ".join(accepted)
+def test_sampling_settings_reach_the_runtime(slm_model: Any) -> None:
+    """A seed repeats its answer; several seeds at a high temperature do not all give the greedy answer."""
+    check = edge.check_sampling(slm_model.generate, SMOKE_PROMPT)
+    assert not check.problems, "; ".join(check.problems)
 
 
 # -- benchmark -----------------------------------------------------------------------------------
@@ -252,59 +303,3 @@ def test_benchmark_generation(
         efficiency = bench.bandwidth_efficiency(stats.decode_tps, per_token, bench.memory_bandwidth_bytes_per_s())
         request.node.user_properties.append((f"{bench.BENCH_PREFIX}bandwidth_efficiency", round(efficiency, 2)))
         slm_figure("bandwidth efficiency %", round(efficiency, 1))
-
-
-@pytest.mark.slm_benchmark
-def test_plugin_loop_matches_a_bare_ort_genai_loop(
-    slm_model: Any, slm_limits: dict[str, float], slm_figure: Any, request: pytest.FixtureRequest
-) -> None:
-    """The plugin's generate() decodes within benchmark_max_overhead of a bare onnxruntime_genai loop."""
-    import time
-    from statistics import median
-
-    backend = slm_model.backend
-    if getattr(backend, "name", "") != "ort-genai":
-        pytest.skip("the comparison runs against ONNX Runtime GenAI itself")
-    import onnxruntime_genai as og
-
-    from pytest_slmdeploy.bench import BENCH_PREFIX
-
-    new_tokens = int(slm_limits["benchmark_new_tokens"])
-    prompt = "Hello"
-    prompt_ids = backend.encode(backend.render(prompt))
-
-    def bare() -> float:
-        params = og.GeneratorParams(backend.model)
-        total = len(prompt_ids) + new_tokens
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        generator = og.Generator(backend.model, params)
-        generator.append_tokens(prompt_ids)
-        generator.generate_next_token()
-        generator.get_next_tokens()
-        start, count = time.perf_counter(), 1
-        while not generator.is_done():
-            generator.generate_next_token()
-            generator.get_next_tokens()
-            count += 1
-        return (count - 1) / (time.perf_counter() - start)
-
-    def ours() -> float:
-        return float(
-            slm_model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens).decode_tokens_per_s
-        )
-
-    rounds = max(10, int(slm_limits["benchmark_rounds"]) * 2)
-    for _ in range(int(slm_limits["benchmark_warmup"])):
-        bare(), ours()
-    bare_tps, our_tps = [], []
-    for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
-        bare_tps.append(bare())
-        our_tps.append(ours())
-    ratio = median(our_tps) / median(bare_tps)
-    slm_figure("plugin/bare decode", round(ratio, 3))
-    request.node.user_properties.append((f"{BENCH_PREFIX}plugin_vs_bare", round(ratio, 4)))
-    limit = 1 - slm_limits["benchmark_max_overhead"]
-    assert ratio >= limit, (
-        f"the plugin decodes at {ratio:.1%} of a bare ONNX Runtime GenAI loop "
-        f"({median(our_tps):.1f} vs {median(bare_tps):.1f} tok/s); limit {limit:.0%}"
-    )
