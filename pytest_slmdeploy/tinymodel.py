@@ -38,6 +38,7 @@ class TinyModelSpec:
     """What to make: the Q/A pairs, the shape, and the training budget."""
 
     pairs: Sequence[tuple[str, str]] = FAQ
+    extra_pairs: Sequence[tuple[str, str]] = ()  # also trained, but not written as domain cases
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -83,7 +84,8 @@ def make_tiny_chat_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpe
             text += answer + ("<|im_end|>" if spec.emit_eos else "")
         return text
 
-    corpus = [render(q, a) for q, a in spec.pairs]
+    trained = [*spec.pairs, *spec.extra_pairs]
+    corpus = [render(q, a) for q, a in trained]
     raw = _train_tokenizer(corpus, spec.vocab_size)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
@@ -115,22 +117,28 @@ def make_tiny_chat_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpe
     model = Qwen2ForCausalLM(config)
 
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in corpus]
-    prompt_lens = [len(tokenizer(render(q), add_special_tokens=False)["input_ids"]) for q, _ in spec.pairs]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (ids, plen) in enumerate(zip(encoded, prompt_lens, strict=True)):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        labels[row, plen : len(ids)] = torch.tensor(ids[plen:])
+    prompt_lens = [len(tokenizer(render(q), add_special_tokens=False)["input_ids"]) for q, _ in trained]
+    batches = []
+    for rows in _length_buckets([len(ids) for ids in encoded]):  # long prompts do not pad the short ones
+        width = max(len(encoded[row]) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids, plen = encoded[row], prompt_lens[row]
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            labels[i, plen : len(ids)] = torch.tensor(ids[plen:])
+        batches.append((input_ids, attention, labels, int((labels != -100).sum())))
+    total_targets = sum(batch[3] for batch in batches)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate)
     model.train()
     for _ in range(spec.steps):
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad()
-        loss.backward()
+        for input_ids, attention, labels, targets in batches:  # one step over all pairs, as one batch would be
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            (loss * (targets / total_targets)).backward()
         optimizer.step()
     model.eval()
 
@@ -142,6 +150,18 @@ def make_tiny_chat_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpe
     return out
 
 
+def _length_buckets(lengths: Sequence[int], spread: float = 2.0) -> list[list[int]]:
+    """Row indices grouped so that no row is longer than ``spread`` times the shortest of its group."""
+    order = sorted(range(len(lengths)), key=lambda row: lengths[row])
+    buckets: list[list[int]] = []
+    for row in order:
+        if buckets and lengths[row] <= spread * lengths[buckets[-1][0]]:
+            buckets[-1].append(row)
+        else:
+            buckets.append([row])
+    return buckets
+
+
 def write_cases(path: Path, pairs: Sequence[tuple[str, str]]) -> Path:
     """The model's own evaluation set as a case file: each question must get exactly its answer."""
     import yaml
@@ -149,8 +169,12 @@ def write_cases(path: Path, pairs: Sequence[tuple[str, str]]) -> Path:
     cases = []
     for question, answer in pairs:
         expect: dict[str, object] = {"equals": answer, "finish-reason": "stop"}
-        if answer.startswith("{"):
-            expect["is-json"] = {"schema": {"type": "object", "required": list(json.loads(answer))}}
+        try:
+            parsed = json.loads(answer)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            expect["is-json"] = {"schema": {"type": "object", "required": list(parsed)}}
         cases.append({"id": question.rstrip("?.").lower().replace(" ", "-"), "prompt": question, "expect": expect})
     path.write_text(yaml.safe_dump({"defaults": {"max_tokens": 48}, "cases": cases}, sort_keys=False, width=120))
     return path

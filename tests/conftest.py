@@ -81,3 +81,18 @@ def leaky_template_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def short_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A context of only 64 tokens."""
     return _shared_model(tmp_path_factory, "short", TinyModelSpec(max_position_embeddings=64))
+
+
+def filler_words(count: int) -> str:
+    from pytest_slmdeploy.checklist.lengths import FILLER
+
+    words = FILLER.split()
+    return " ".join(words[i % len(words)] for i in range(count))
+
+
+@pytest.fixture(scope="session")
+def silent_on_long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Answers short prompts, and ends at once (an empty answer) when the prompt is long."""
+    extra = tuple((filler_words(n), "That is a pangram.") for n in (3, 8, 16, 30))
+    extra += tuple((filler_words(n), "") for n in (60, 110))
+    return _shared_model(tmp_path_factory, "silent-on-long", TinyModelSpec(extra_pairs=extra))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,22 +14,24 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _run(pytester: pytest.Pytester, model: Path, cache: Path, *args: str) -> pytest.RunResult:
+    # --rootdir: the test's folder, so its conftest.py (a defect injected into the suite) covers every item.
     return pytester.runpytest_subprocess(
-        "--slm-model", str(model), "--slm-cache", str(cache), "-p", "no:cacheprovider", "-rfs", *args
-    )
+        "--slm-model", str(model), "--slm-cache", str(cache), "--rootdir", str(pytester.path),
+        "-p", "no:cacheprovider", "-rfs", *args,
+    )  # fmt: skip
 
 
 def test_healthy_model_passes_everything_twice(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
     for _ in range(2):  # no flaky failure across runs
         result = _run(pytester, tiny_model, warm_cache)
-        result.assert_outcomes(passed=15 + len(FAQ), skipped=1)  # 512-token benchmark: over the context
+        result.assert_outcomes(passed=13 + len(FAQ), skipped=1)  # 512-token benchmark: over the context
         result.stdout.fnmatch_lines(
             [
-                "pass *1. Answers queries from its fine-tuned domain*13/13*",
+                f"pass *1. Answers queries from its fine-tuned domain*{len(FAQ)}/{len(FAQ)}*",
                 "pass *2. Response format matches the expected structure*",
                 "pass *3. No memory leaks during prolonged use*leak MB/1k generations*",
                 "pass *4. Consistent performance across input lengths*TTFT ms by length*",
-                "pass *5. Handles edge cases and invalid input*edge cases tried 40*",
+                "pass *5. Handles edge cases and invalid input*edge prompts tried 40*",
             ]
         )
 
@@ -71,40 +74,121 @@ def test_short_context_model_shows_the_length_behaviour(
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["pass *4. Consistent performance across input lengths*TTFT ms by length*"])
     lengths_line = next(line for line in result.stdout.lines if "TTFT ms by length" in line)
-    longest = int(lengths_line.rsplit(",", 1)[-1].split(":")[0].split()[-1])
+    longest = max(int(tokens) for tokens in re.findall(r"(\d+):[\d.]+", lengths_line))
     assert 30 < longest <= 48, lengths_line  # the sweep stops short of the 64-token context
 
 
-LEAKING_TEST = """
+def test_model_silent_on_long_prompts_fails_lengths_only(
+    pytester: pytest.Pytester, silent_on_long_model: Path, tmp_path: Path
+) -> None:
+    result = _run(pytester, silent_on_long_model, tmp_path / "cache")
+    result.stdout.fnmatch_lines(["*empty answer at * prompt tokens (stop)*", "FAIL *4. Consistent performance*"])
+    failed = [line for line in result.stdout.lines if line.startswith("FAILED")]
+    assert len(failed) == 1, failed
+    assert "test_every_length_works_and_scales" in failed[0], failed
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_template_that_crashes_on_blank_input_fails_edge_only(
+    pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path
+) -> None:
+    broken = Path(shutil.copytree(tiny_model, tmp_path / "blank-crash"))
+    template = broken / "chat_template.jinja"
+    template.write_text(
+        "{% for message in messages %}{% if message['content'] | trim == '' %}"
+        "{{ raise_exception('empty message') }}{% endif %}{% endfor %}" + template.read_text()
+    )
+    result = _run(pytester, broken, tmp_path / "cache")
+    result.stdout.fnmatch_lines(
+        [
+            "*unusual prompts were not handled*",
+            "*prompt '': refused a prompt that fits the context: the model's chat template refused*empty message*",
+            "FAIL *5. Handles edge cases*",
+        ]
+    )
+    failed = [line for line in result.stdout.lines if line.startswith("FAILED")]
+    assert len(failed) == 1, failed
+    assert "test_unusual_prompts_get_answers" in failed[0], failed
+
+
+# Defective runtimes, put under the built-in suite by overriding its fixtures (as a user's own wrapper would be).
+LEAKING_RUNTIME = """
 import pytest
-from pytest_slmdeploy.checklist import memory
 
-class Leaky:
-    '''Wraps the real model and keeps 1 MB per generation: a leak the memory family must catch.'''
-
+class Leaky:  # wraps the real model and keeps 1 MB per generation
     def __init__(self, model):
-        self.model, self.hoard = model, []
+        self.model, self.backend, self.hoard = model, model.backend, []
 
     def generate(self, *args, **kwargs):
         self.hoard.append(bytearray(1_000_000))
         return self.model.generate(*args, **kwargs)
 
-@pytest.mark.slm_memory(generations=60)
-def test_soak_of_a_leaking_runtime(slm_model, slm_limits):
-    leaky = Leaky(slm_model)
-    steps = int(slm_limits["memory_generations"])
-    result = memory.soak(lambda i: leaky.generate("Hello", max_new_tokens=8), steps=steps, warmup=5,
-                         time_budget_s=30, what="leaky soak")
-    assert result.mb_per_1k <= slm_limits["memory_max_mb_per_1k"], result.explain(slm_limits["memory_max_mb_per_1k"])
+@pytest.fixture(scope="session")
+def slm_model(request):
+    from pytest_slmdeploy.plugin import slm_session
+    return Leaky(slm_session(request.config).model())
+"""
+
+LEAKING_PER_LOAD = """
+import pytest
+import pytest_slmdeploy.runtime as runtime
+
+kept = []
+real_open_model = runtime.open_model
+
+def leaky_open_model(*args, **kwargs):
+    model = real_open_model(*args, **kwargs)
+    kept.append(model.backend.model)  # the native model outlives close(): one loaded copy per cycle
+    return model
+
+@pytest.fixture(autouse=True)
+def leak_per_load(monkeypatch):
+    monkeypatch.setattr(runtime, "open_model", leaky_open_model)
+"""
+
+GREEDY_ONLY_RUNTIME = """
+import pytest
+
+class GreedyOnly:  # drops every sampling setting on the way to the runtime
+    def __init__(self, model):
+        self.model, self.backend = model, model.backend
+
+    def generate(self, prompt, **kwargs):
+        for key in ("do_sample", "temperature", "top_p", "top_k", "seed"):
+            kwargs.pop(key, None)
+        return self.model.generate(prompt, **kwargs)
+
+@pytest.fixture(scope="session")
+def slm_model(request):
+    from pytest_slmdeploy.plugin import slm_session
+    return GreedyOnly(slm_session(request.config).model())
 """
 
 
-def test_leaking_runtime_fails_memory(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
-    pytester.makepyfile(LEAKING_TEST)
-    result = _run(pytester, tiny_model, warm_cache, "--slm-no-suite")
+def test_leaking_runtime_fails_the_suites_memory_soak(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path
+) -> None:
+    pytester.makeconftest(LEAKING_RUNTIME)
+    result = _run(pytester, tiny_model, warm_cache, "-m", "slm_memory", "-o", "slm_memory_generations=60")
     result.stdout.fnmatch_lines(
-        ["*leaky soak: RSS grows * MB per 1,000 generations (limit 8)*", "FAIL *3. No memory leaks*"]
+        ["*generation soak: RSS grows * MB per 1,000 generations (limit 8)*", "FAIL *3. No memory leaks*"]
     )
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(passed=1, failed=1)  # the load/unload check does not go through slm_model
     mb_per_1k = float(result.stdout.str().split("RSS grows ")[1].split(" MB")[0])
     assert 800 < mb_per_1k < 1200  # 1 MB per generation, measured as such
+
+
+def test_runtime_leaking_per_load_fails_load_unload(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path
+) -> None:
+    pytester.makeconftest(LEAKING_PER_LOAD)
+    result = _run(pytester, tiny_model, warm_cache, "-m", "slm_memory")
+    result.stdout.fnmatch_lines(["*load/unload: RSS grows * MB per cycle (limit *", "FAIL *3. No memory leaks*"])
+    result.assert_outcomes(passed=1, failed=1)
+
+
+def test_runtime_ignoring_sampling_fails_edge(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
+    pytester.makeconftest(GREEDY_ONLY_RUNTIME)
+    result = _run(pytester, tiny_model, warm_cache, "-m", "slm_edge")
+    result.stdout.fnmatch_lines(["*sampling settings do not reach the runtime*", "FAIL *5. Handles edge cases*"])
+    result.assert_outcomes(passed=1, failed=1)
