@@ -39,7 +39,6 @@ METRICS: dict[str, tuple[str, bool]] = {
     "build_peak_rss_mb": ("MB", False),
     "warm_start_s": ("s", False),
     "bandwidth_efficiency": ("%", True),
-    "plugin_vs_bare": ("ratio", True),
 }
 # Defaults chosen from run-to-run spread on 2 cores (docs/benchmarks.md): wide enough not to fire on noise.
 NOISE_PERCENT = 2.0  # changes smaller than this are not flagged in tables
@@ -247,14 +246,27 @@ class Gate:
 
 
 def evaluate_gates(gates: Iterable[Gate], current: Mapping[str, float], baseline: RunRecord) -> list[str]:
+    """One message per gate that fails, or that cannot be evaluated because its metric is missing."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(baseline.created_at))
+    commit = f" @ {baseline.commit[:8]}" if baseline.commit else ""
+    of_baseline = f"baseline run {baseline.name!r} of {when}{commit}"
     failures = []
     for gate in gates:
-        if gate.metric in current and gate.metric in baseline.metrics:
-            message = gate.check(current[gate.metric], baseline.metrics[gate.metric])
-            if message:
-                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(baseline.created_at))
-                commit = f" @ {baseline.commit[:8]}" if baseline.commit else ""
-                failures.append(f"{message}; baseline run {baseline.name!r} of {when}{commit}")
+        missing = [
+            where
+            for where, metrics in (("this run's metrics", current), (of_baseline, baseline.metrics))
+            if gate.metric not in metrics
+        ]
+        if missing:  # a gate that was never checked must not read as a gate that passed
+            sign = "-" if METRICS[gate.metric][1] else "+"
+            failures.append(
+                f"gate {gate.metric}:{sign}{gate.percent:g}% cannot be evaluated: "
+                f"{gate.metric} is missing from {' and from '.join(missing)}"
+            )
+            continue
+        message = gate.check(current[gate.metric], baseline.metrics[gate.metric])
+        if message:
+            failures.append(f"{message}; {of_baseline}")
     return failures
 
 

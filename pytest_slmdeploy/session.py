@@ -176,7 +176,7 @@ class SlmDeploySession:
         if self._plan is None or hasattr(self.config, "workerinput"):  # the controller writes the reports
             return
         self.report.model = self._model_facts()
-        if self.bench_metrics:
+        if self.bench_metrics or self.settings.bench_baseline:
             self._finish_benchmarks(session)
         if self.settings.report is not None:
             self.settings.report.parent.mkdir(parents=True, exist_ok=True)
@@ -193,35 +193,42 @@ class SlmDeploySession:
         plan = self._plan
         assert plan is not None
         metrics = dict(self.bench_metrics)
-        manifest = plan.state().manifest
-        if manifest is not None:
-            metrics.update(manifest.figures())
-        if isinstance(self._deployment, Deployment) and self._deployment.cache_hit:
-            metrics["warm_start_s"] = round(self._deployment.stage_seconds, 4)
-        record = bench.RunRecord(
-            name=self.settings.bench_name or time.strftime("%Y-%m-%dT%H:%M:%S"),
-            model=plan.name,
-            fingerprint=plan.source_fingerprint,
-            precision=self.settings.precision,
-            metrics=metrics,
-            commit=bench.git_commit(self.config.rootpath),
-        )
-        history = bench.History(self.settings.bench_history or self.config.rootpath / ".slmdeploy" / "history")
-        if self.settings.bench_baseline:
-            baseline = history.baseline(plan.name, self.settings.bench_baseline)
-            if baseline is None:
-                self.bench_failures.append(
-                    f"no baseline {self.settings.bench_baseline!r} for {plan.name} in {history.folder} "
-                    "(run once with --slm-bench-save, or pass a record file)"
-                )
-            else:
-                self.bench_failures += bench.evaluate_gates(self.gates, metrics, baseline)
-        if self.settings.bench_save:
-            self.bench_saved = history.append(record)
-        if self.settings.bench_export is not None:
-            self.settings.bench_export.parent.mkdir(parents=True, exist_ok=True)
-            exported = bench.github_action_benchmark(metrics, plan.name)
-            self.settings.bench_export.write_text(json.dumps(exported, indent=2) + "\n")
+        if not metrics:
+            # Only reached with a baseline given: a gate with nothing to compare must fail, not pass in silence.
+            self.bench_failures.append(
+                f"--slm-bench-baseline {self.settings.bench_baseline} given but no benchmark ran in this session "
+                "(selected out by -m/-k, skipped by --benchmark-skip, or failed)"
+            )
+        else:
+            manifest = plan.state().manifest
+            if manifest is not None:
+                metrics.update(manifest.figures())
+            if isinstance(self._deployment, Deployment) and self._deployment.cache_hit:
+                metrics["warm_start_s"] = round(self._deployment.stage_seconds, 4)
+            record = bench.RunRecord(
+                name=self.settings.bench_name or time.strftime("%Y-%m-%dT%H:%M:%S"),
+                model=plan.name,
+                fingerprint=plan.source_fingerprint,
+                precision=self.settings.precision,
+                metrics=metrics,
+                commit=bench.git_commit(self.config.rootpath),
+            )
+            history = bench.History(self.settings.bench_history or self.config.rootpath / ".slmdeploy" / "history")
+            if self.settings.bench_baseline:
+                baseline = history.baseline(plan.name, self.settings.bench_baseline)
+                if baseline is None:
+                    self.bench_failures.append(
+                        f"no baseline {self.settings.bench_baseline!r} for {plan.name} in {history.folder} "
+                        "(run once with --slm-bench-save, or pass a record file)"
+                    )
+                else:
+                    self.bench_failures += bench.evaluate_gates(self.gates, metrics, baseline)
+            if self.settings.bench_save:
+                self.bench_saved = history.append(record)
+            if self.settings.bench_export is not None:
+                self.settings.bench_export.parent.mkdir(parents=True, exist_ok=True)
+                exported = bench.github_action_benchmark(metrics, plan.name)
+                self.settings.bench_export.write_text(json.dumps(exported, indent=2) + "\n")
         result = self.report.families.setdefault("benchmark", FamilyResult("benchmark"))
         for key in ("ttft_ms", "peak_rss_mb"):
             if key in metrics:
@@ -257,6 +264,8 @@ class SlmDeploySession:
         terminalreporter.section("slmdeploy")
         for line in self.report.terminal_lines():
             terminalreporter.write_line(line, red=line.startswith("FAIL"), green=line.startswith("pass"))
+        for line in self.report.inconclusive_lines():
+            terminalreporter.write_line(f"inconclusive (not a failure): {line}", yellow=True)
         for failure in self.bench_failures:
             terminalreporter.write_line(f"benchmark gate FAILED: {failure}", red=True)
         if self.bench_saved is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from pytest_slmdeploy.template import CHATML_TEMPLATE
 from pytest_slmdeploy.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-SUITE_TESTS = 15  # the built-in suite's tests that run on the tiny model; its slm_cases.yaml adds one per FAQ entry
+SUITE_TESTS = 13  # the built-in suite's tests that run on the tiny model; its slm_cases.yaml adds one per FAQ entry
 SUITE_SKIPS = 1  # the 512-token benchmark: 512 + 32 tokens do not fit the 512-token context
 
 MODULES_PROBE = """
@@ -67,6 +68,8 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
     pytester.makeconftest(MODULES_PROBE)
     args = ("--slm-model", str(tiny_model), "--slm-cache", str(cache), "-p", "no:cacheprovider")
 
+    assert not cache.exists()
+    started = time.time()
     cold = pytester.runpytest_subprocess(*args)
     cold.assert_outcomes(passed=SUITE_TESTS + len(FAQ), skipped=SUITE_SKIPS)
     cold.stdout.fnmatch_lines(
@@ -94,8 +97,13 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
     assert isinstance(config, dict)
     assert set(config) == {"max_length", "temperature", "top_p", "repetition_penalty"}
     manifest = read_json(entry / "slmdeploy_manifest.json")
-    assert json.loads((pytester.path / "imported.json").read_text())  # the cold run did import Olive
+    created_at = manifest["created_at"]
+    assert isinstance(created_at, float)
+    assert created_at >= started, "the installed model is older than the cold run: it did not build"
+    # The runtime modules load on warm runs too: only Olive tells a build.
+    assert "olive" in json.loads((pytester.path / "imported.json").read_text())
 
+    (pytester.path / "imported.json").unlink()
     warm = pytester.runpytest_subprocess(*args)
     warm.assert_outcomes(passed=SUITE_TESTS + len(FAQ), skipped=SUITE_SKIPS)
     warm.stdout.fnmatch_lines(
@@ -241,8 +249,35 @@ def test_every_ini_key_and_cli_precedence(pytester: pytest.Pytester, tiny_model:
     assert (seen["backend"], seen["chat_template"], seen["lock_timeout"]) == ("ort-genai", "chatml", "3.0")
 
 
+# Olive runs only in build.run_olive; deploy() is what each process calls once. Appending from every
+# process counts real builds (the build log cannot: each build truncates it). The recipe hook cannot
+# either: every process calls it while planning, cache hit or not.
+BUILD_COUNTER = """
+import os
+from pytest_slmdeploy import build, session
+
+_run_olive, _deploy = build.run_olive, session.deploy
+_here = os.path.dirname(os.path.abspath(__file__))
+
+def _counted_run_olive(*args, **kwargs):
+    with open(os.path.join(_here, "builds.txt"), "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    return _run_olive(*args, **kwargs)
+
+def _counted_deploy(*args, **kwargs):
+    deployment = _deploy(*args, **kwargs)
+    with open(os.path.join(_here, "deploys.txt"), "a") as fh:
+        fh.write(f"{os.getpid()} {deployment.cache_hit}\\n")
+    return deployment
+
+build.run_olive = _counted_run_olive
+session.deploy = _counted_deploy
+"""
+
+
 def test_suite_runs_under_xdist_and_builds_once(pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
+    pytester.makeconftest(BUILD_COUNTER)
     pytester.makepyfile(
         """
         import pytest
@@ -256,8 +291,12 @@ def test_suite_runs_under_xdist_and_builds_once(pytester: pytest.Pytester, tiny_
         "-n", "2", "--slm-model", str(tiny_model), "--slm-cache", str(cache), "-p", "no:cacheprovider"
     )
     result.assert_outcomes(passed=4 + SUITE_TESTS + len(FAQ), skipped=SUITE_SKIPS)
-    log = (cache / "logs" / "faq-int4.build.log").read_text()
-    assert log.count("Saving GenAI config") == 1, "more than one worker converted the model"
+    deploys = [line.split() for line in (pytester.path / "deploys.txt").read_text().splitlines()]
+    assert len({pid for pid, _ in deploys}) == len(deploys) == 2, f"not one deployment per worker: {deploys}"
+    builds = (pytester.path / "builds.txt").read_text().split()
+    assert len(builds) == 1, f"{len(builds)} builds (pids {builds}); deployments (pid, cache hit): {deploys}"
+    assert sorted(hit for _, hit in deploys) == ["False", "True"], "one worker builds, the other finds it installed"
+    assert [pid for pid, hit in deploys if hit == "False"] == builds
     assert not [p for p in (cache / ".staging").iterdir()], "a worker left a staging folder"
     result.stdout.fnmatch_lines(["pass *Installed in the Foundry Local cache*3/3*"])
 
@@ -295,3 +334,66 @@ def test_junit_and_json_report(pytester: pytest.Pytester, tiny_model: Path, warm
     assert [f["family"] for f in report["families"]] == families
     assert all(f["status"] == "pass" for f in report["families"])
     assert report["families"][1]["passed"] == len(FAQ) + 1
+
+
+NO_BENCHMARK = (
+    "benchmark gate FAILED: --slm-bench-baseline last given but no benchmark ran in this session "
+    "(selected out by -m/-k, skipped by --benchmark-skip, or failed)"
+)
+BENCH_AND_CHECK = """
+import pytest
+
+@pytest.mark.slm_benchmark
+def test_speed(slm_benchmark):
+    assert slm_benchmark("Do you ship abroad?", new_tokens=8).decode_tps > 0
+
+def test_answer(slm_model):
+    assert slm_model.generate("Do you ship abroad?").text == "Yes, we ship to all EU countries."
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "outcomes", "reason"),
+    [
+        (("-m", "not slm_benchmark"), {"passed": 1, "deselected": 1}, NO_BENCHMARK),
+        (("--benchmark-skip",), {"passed": 1, "skipped": 1}, NO_BENCHMARK),
+        (
+            ("--slm-bench-gate", "bandwidth_efficiency:-5%"),  # measured by the suite's benchmark only, not run here
+            {"passed": 2},
+            "benchmark gate FAILED: gate bandwidth_efficiency:-5% cannot be evaluated: "
+            "bandwidth_efficiency is missing from this run's metrics",
+        ),
+        ((), {"passed": 2}, None),  # the control: the same baseline passes when the benchmark runs
+    ],
+    ids=["deselected", "benchmark-skip", "metric-missing", "control"],
+)
+def test_a_gate_that_cannot_be_checked_fails_the_run(
+    pytester: pytest.Pytester,
+    tiny_model: Path,
+    warm_cache: Path,
+    tmp_path: Path,
+    extra: tuple[str, ...],
+    outcomes: dict[str, int],
+    reason: str | None,
+) -> None:
+    from pytest_slmdeploy import bench
+
+    history = tmp_path / "history"
+    easy = {"decode_tps": 0.001, "ttft_ms": 1e9, "peak_rss_mb": 1e9, "bandwidth_efficiency": 0.001}
+    bench.History(history).append(bench.RunRecord("base", "faq-int4", "f", "int4", easy))  # any run passes these
+    pytester.makepyfile(BENCH_AND_CHECK)
+    result = pytester.runpytest_subprocess(
+        "--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-no-suite", "-p", "no:cacheprovider",
+        "--slm-bench-history", str(history), "--slm-bench-baseline", "last", "--slm-report", "report.json", *extra,
+    )  # fmt: skip
+    assert result.parseoutcomes() == outcomes, "the tests themselves pass: only the gate may fail the run"
+    report = json.loads((pytester.path / "report.json").read_text())
+    if reason is None:
+        assert result.ret == pytest.ExitCode.OK
+        assert "benchmark gate FAILED" not in result.stdout.str()
+        assert report["ok"] is True
+    else:
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        result.stdout.fnmatch_lines(["*= slmdeploy =*", reason])
+        assert result.stdout.str().count("benchmark gate FAILED") == 1
+        assert report["ok"] is False
