@@ -1,0 +1,88 @@
+"""Run the built-in suite on a model while other CPU-bound processes compete for the cores.
+
+    .venv/bin/python scripts/under_load.py MODEL [--cache DIR] [--runs 20] [--burners 2] [--expect pass|fail:FAMILY]
+
+A merge gate must never fail a healthy model because the machine is busy, and must
+still catch a defective one. This starts ``--burners`` processes that spin on the
+CPU (each ends by itself after ``--burn-seconds``), runs ``pytest --slm-model MODEL``
+``--runs`` times, and prints per run the outcome, the failed families and the timing
+verdicts left inconclusive. It exits 1 when a run does not meet ``--expect``:
+``pass`` (every run passes) or ``fail:FAMILY`` (every run fails exactly that family).
+Extra arguments after ``--`` go to pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BURN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def start_burners(count: int, seconds: float) -> list[subprocess.Popen[bytes]]:
+    """CPU-bound processes that stop by themselves (and are killed by the caller when done)."""
+    return [subprocess.Popen([sys.executable, "-c", BURN.format(seconds=seconds)]) for _ in range(count)]
+
+
+def run_suite(model: Path, cache: Path, report: Path, extra: list[str]) -> tuple[int, dict[str, object], float]:
+    command = [sys.executable, "-m", "pytest", "--slm-model", str(model), "--slm-cache", str(cache),
+               "--slm-report", str(report), "-p", "no:cacheprovider", "-q", *extra]  # fmt: skip
+    start = time.perf_counter()
+    # From the report's folder, as in a fresh project: no test paths or ini of the caller's are picked up.
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=report.parent)
+    seconds = time.perf_counter() - start
+    if not report.is_file():
+        crash = done.stderr.find("Fatal Python error")  # faulthandler: the innermost frames come first
+        sys.stdout.write(
+            done.stdout[-2000:] + (done.stderr[crash : crash + 3000] if crash >= 0 else done.stderr[-3000:])
+        )
+        return done.returncode, {}, seconds
+    return done.returncode, json.loads(report.read_text()), seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, help="the Hugging Face model folder")
+    parser.add_argument("--cache", type=Path, default=None, help="model cache (default: a temporary folder)")
+    parser.add_argument("--runs", type=int, default=20, help="runs of the built-in suite (default 20)")
+    parser.add_argument("--burners", type=int, default=2, help="CPU-bound competing processes (default 2)")
+    parser.add_argument("--burn-seconds", type=float, default=1800, help="longest life of a burner (default 1800)")
+    parser.add_argument("--expect", default="pass", help="pass, or fail:FAMILY (e.g. fail:lengths)")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    expected_family = args.expect.removeprefix("fail:") if args.expect.startswith("fail:") else None
+    with tempfile.TemporaryDirectory(prefix="slmdeploy-load-") as tmp:
+        cache = args.cache or Path(tmp) / "cache"
+        run_suite(args.model, cache, Path(tmp) / "warm.json", ["-m", "slm_smoke"])  # build before the load starts
+        burners = start_burners(args.burners, args.burn_seconds)
+        misses, inconclusive = 0, 0
+        try:
+            for run in range(1, args.runs + 1):
+                report = Path(tmp) / f"run{run}.json"
+                code, data, seconds = run_suite(args.model, cache, report, extra)
+                families = data.get("families", []) if isinstance(data, dict) else []
+                failed = sorted(f["family"] for f in families if f["status"] == "FAIL")  # type: ignore[index]
+                undecided = [m for f in families for m in f.get("inconclusive", [])]  # type: ignore[union-attr]
+                inconclusive += len(undecided)
+                met = (code == 0 and not failed) if expected_family is None else (failed == [expected_family])
+                misses += not met
+                print(f"run {run:2d}: exit {code}, {seconds:5.1f}s, failed families {failed or '-'}, "
+                      f"inconclusive {len(undecided)}{'' if met else '  <-- not as expected'}", flush=True)  # fmt: skip
+                for message in undecided:
+                    print(f"        inconclusive: {message}")
+        finally:
+            for burner in burners:
+                burner.kill()
+                burner.wait()
+    print(f"{args.runs - misses}/{args.runs} runs as expected ({args.expect}) with {args.burners} CPU-bound "
+          f"processes competing; {inconclusive} inconclusive timing verdicts")  # fmt: skip
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
