@@ -9,7 +9,7 @@ import pytest
 
 from pytest_slmdeploy import hookspecs
 from pytest_slmdeploy.items import DEFAULT_CASE_PATTERNS, CaseFile, CaseItem, is_case_file, model_case_files
-from pytest_slmdeploy.report import FIGURE_PREFIX
+from pytest_slmdeploy.report import FIGURE_PREFIX, INCONCLUSIVE_PROPERTY
 from pytest_slmdeploy.session import SUITE_PATH, SlmDeploySession
 from pytest_slmdeploy.settings import BACKENDS, FOUNDRY_MODES, LIMITS, PRECISIONS
 
@@ -172,6 +172,27 @@ def slm_figure(request: pytest.FixtureRequest) -> Any:
         request.node.user_properties.append((f"{FIGURE_PREFIX}{name}", value))
 
     return record
+
+
+@pytest.fixture
+def slm_verdict(request: pytest.FixtureRequest) -> Any:
+    """``slm_verdict(comparisons)`` judges :func:`pytest_slmdeploy.stats.compare` results: fails on a decided
+    failure; reports one that this run's noise left undecided as inconclusive (a failure with
+    ``--slm-fail-inconclusive``)."""
+    from pytest_slmdeploy.stats import Verdicts
+
+    def judge(comparisons: Any) -> None:
+        verdicts = Verdicts.of(list(comparisons))
+        request.node.user_properties.extend((INCONCLUSIVE_PROPERTY, m) for m in verdicts.inconclusive)
+        if verdicts.failed:
+            pytest.fail("\n".join(verdicts.failed), pytrace=False)
+        if verdicts.inconclusive and _session(request).settings.fail_inconclusive:
+            undecided = "\n".join(verdicts.inconclusive)
+            pytest.fail(
+                f"timing left undecided by this run's noise (--slm-fail-inconclusive):\n{undecided}", pytrace=False
+            )
+
+    return judge
 
 
 @pytest.fixture

@@ -141,3 +141,18 @@ def interleaved(
         ):
             break
     return samples
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """Several comparisons read together: what failed, what this run's noise left undecided."""
+
+    failed: tuple[str, ...]
+    inconclusive: tuple[str, ...]
+
+    @classmethod
+    def of(cls, comparisons: Sequence[Comparison]) -> Verdicts:
+        return cls(
+            tuple(c.explain() for c in comparisons if c.verdict == "fail"),
+            tuple(c.explain() for c in comparisons if c.verdict == "inconclusive"),
+        )

@@ -31,7 +31,8 @@ def start_burners(count: int, seconds: float) -> list[subprocess.Popen[bytes]]:
 
 def run_suite(model: Path, cache: Path, report: Path, extra: list[str]) -> tuple[int, dict[str, object], float]:
     command = [sys.executable, "-m", "pytest", "--slm-model", str(model), "--slm-cache", str(cache),
-               "--slm-report", str(report), "-p", "no:cacheprovider", "-q", *extra]  # fmt: skip
+               "--slm-report", str(report), "--rootdir", str(report.parent), "-p", "no:cacheprovider", "-q",
+               *extra]  # fmt: skip
     start = time.perf_counter()
     # From the report's folder, as in a fresh project: no test paths or ini of the caller's are picked up.
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=report.parent)
@@ -53,11 +54,14 @@ def main() -> int:
     parser.add_argument("--burners", type=int, default=2, help="CPU-bound competing processes (default 2)")
     parser.add_argument("--burn-seconds", type=float, default=1800, help="longest life of a burner (default 1800)")
     parser.add_argument("--expect", default="pass", help="pass, or fail:FAMILY (e.g. fail:lengths)")
+    parser.add_argument("--conftest", type=Path, default=None, help="a conftest.py to run with (e.g. a defect)")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     expected_family = args.expect.removeprefix("fail:") if args.expect.startswith("fail:") else None
     with tempfile.TemporaryDirectory(prefix="slmdeploy-load-") as tmp:
         cache = args.cache or Path(tmp) / "cache"
+        if args.conftest is not None:
+            (Path(tmp) / "conftest.py").write_text(args.conftest.read_text())
         run_suite(args.model, cache, Path(tmp) / "warm.json", ["-m", "slm_smoke"])  # build before the load starts
         burners = start_burners(args.burners, args.burn_seconds)
         misses, inconclusive = 0, 0

@@ -212,6 +212,7 @@ def test_every_ini_key_and_cli_precedence(pytester: pytest.Pytester, tiny_model:
         slm_lock_timeout = "7"
         slm_report = "out/report.json"
         slm_suite = false
+        slm_fail_inconclusive = true
         slm_memory_generations = "50"
         slm_lengths_decode_band = "0.25"
         """
@@ -237,6 +238,7 @@ def test_every_ini_key_and_cli_precedence(pytester: pytest.Pytester, tiny_model:
         "trust_remote_code": "True",
         "lock_timeout": "7.0",
         "suite": "False",
+        "fail_inconclusive": "True",
         "report": str(root / "out/report.json"),
     }
     other_cache = tmp_path / "cli-cache"
@@ -397,3 +399,44 @@ def test_a_gate_that_cannot_be_checked_fails_the_run(
         result.stdout.fnmatch_lines(["*= slmdeploy =*", reason])
         assert result.stdout.str().count("benchmark gate FAILED") == 1
         assert report["ok"] is False
+
+
+USER_TIMING_CHECK = """
+import pytest
+from pytest_slmdeploy.stats import compare
+
+NOISY_A = [1.0, 3.0, 1.2, 2.8, 1.1, 3.1, 0.9, 2.9]
+NOISY_B = [3.0, 1.0, 2.9, 1.1, 3.2, 1.0, 2.7, 1.2]
+
+@pytest.mark.slm_lengths
+def test_undecided(slm_verdict):
+    slm_verdict([compare(NOISY_A, NOISY_B, factor=1.0, what="noisy B vs A")])
+
+@pytest.mark.slm_lengths
+def test_decided(slm_verdict):
+    slm_verdict([compare([1.0] * 6, [1.01] * 6, factor=1.05, what="steady B vs A")])
+"""
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "fail-inconclusive"])
+def test_inconclusive_timing_is_reported_and_fails_only_when_asked(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, strict: bool
+) -> None:
+    pytester.makepyfile(USER_TIMING_CHECK)
+    args = ["--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-no-suite", "--slm-report", "r.json"]
+    result = pytester.runpytest_subprocess(*args, *(["--slm-fail-inconclusive"] if strict else []))
+    family = json.loads((pytester.path / "r.json").read_text())["families"][0]
+    assert family["family"] == "lengths"
+    assert len(family["inconclusive"]) == 1
+    assert family["inconclusive"][0].startswith("inconclusive: noisy B vs A")
+    if strict:
+        result.assert_outcomes(passed=1, failed=1)
+        result.stdout.fnmatch_lines(["*undecided by this run's noise (--slm-fail-inconclusive):*"])
+    else:
+        result.assert_outcomes(passed=2)
+        result.stdout.fnmatch_lines(
+            [
+                "pass *4. Consistent performance across input lengths*2/2 (1 inconclusive)*",
+                "inconclusive (not a failure): 4. Consistent performance*noisy B vs A*straddles 0*",
+            ]
+        )

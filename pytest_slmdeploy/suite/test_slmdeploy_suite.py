@@ -17,7 +17,6 @@ from pytest_slmdeploy.checklist import edge, lengths, memory
 from pytest_slmdeploy.checklist import format as fmt
 from pytest_slmdeploy.errors import ContextOverflowError
 from pytest_slmdeploy.foundry import is_foundry_entry
-from pytest_slmdeploy.report import INCONCLUSIVE_PROPERTY
 from pytest_slmdeploy.stats import Comparison, interleaved
 
 SMOKE_PROMPT = "Hello"
@@ -31,17 +30,6 @@ def _domain_prompts(request: pytest.FixtureRequest, limit: int = 16) -> list[str
         if case is not None and len(case.messages) == 1:
             prompts.append(case.messages[0]["content"])
     return prompts[:limit]
-
-
-def judge_timing(request: pytest.FixtureRequest, comparisons: list[Comparison], settings: Any) -> None:
-    """Fail on a decided failure; record an undecided one as inconclusive (failing only when asked)."""
-    failed = [c.explain() for c in comparisons if c.verdict == "fail"]
-    undecided = [c.explain() for c in comparisons if c.verdict == "inconclusive"]
-    for message in undecided:
-        request.node.user_properties.append((INCONCLUSIVE_PROPERTY, message))
-    assert not failed, "\n".join(failed)
-    if undecided and settings.fail_inconclusive:
-        pytest.fail("timing left undecided by this run's noise (--slm-fail-inconclusive):\n" + "\n".join(undecided))
 
 
 # -- deployment ---------------------------------------------------------------------------------
@@ -174,7 +162,7 @@ def test_no_leak_over_load_unload(slm_deployment: Any, slm_settings: Any, slm_li
 # -- 4. input lengths ----------------------------------------------------------------------------
 @pytest.mark.slm_lengths
 def test_every_length_works_and_scales(
-    request: pytest.FixtureRequest, slm_model: Any, slm_settings: Any, slm_limits: dict[str, float], slm_figure: Any
+    slm_model: Any, slm_limits: dict[str, float], slm_figure: Any, slm_verdict: Any
 ) -> None:
     """Prompts from a few tokens up to the context each get an answer; TTFT grows at most linearly and the
     time per token holds, judged on interleaved rounds against the noise seen in this run."""
@@ -214,7 +202,7 @@ def test_every_length_works_and_scales(
     slm_figure("TTFT ms by length", ", ".join(f"{r[0].prompt_tokens}:{median(g.ttft_s for g in r) * 1000:.1f}"
                                               for r in runs))  # fmt: skip
     slm_figure("timing rounds", len(runs[0]))
-    judge_timing(request, compare(runs), slm_settings)
+    slm_verdict(compare(runs))
 
 
 @pytest.mark.slm_lengths
