@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_slmdeploy.cache import ModelCache
@@ -13,45 +15,164 @@ from pytest_slmdeploy.errors import SettingsError, SlmDeployError
 from pytest_slmdeploy.foundry import is_foundry_entry
 from pytest_slmdeploy.settings import PRECISIONS, Settings, check_model_name, default_cache_dir
 
+DESCRIPTION = (
+    "Manage the slmdeploy model cache from the shell, as 'foundry cache' does for Foundry Local: "
+    "build a Hugging Face model folder into it, list, verify and remove installed models, "
+    "and read the benchmark history that pytest runs recorded."
+)
+EPILOG = (
+    "Where the cache is: --cache DIR, else slm_cache from the pytest configuration that pytest would read here "
+    "(the nearest pyproject.toml with [tool.pytest.ini_options], pytest.ini, tox.ini or setup.cfg, from the "
+    "current folder upward; relative paths are relative to that file), else $SLMDEPLOY_CACHE, else "
+    "~/.cache/slmdeploy. 'slmdeploy bench' reads slm_bench_history the same way. "
+    "Options can come before or after the command; 'slmdeploy COMMAND --help' lists a command's options."
+)
+PLOT_NEEDS_MATPLOTLIB = "slmdeploy bench plot needs matplotlib: pip install 'pytest-slmdeploy[plot]'"
+# pytest's own order: the first of these in the nearest folder that holds a pytest configuration wins.
+_CONFIG_FILES = ("pytest.toml", ".pytest.toml", "pytest.ini", ".pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg")
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """The configuration file pytest would read when run in a folder (``path`` None: none), and its values."""
+
+    path: Path | None = None
+    values: Mapping[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def find(cls, start: Path) -> ProjectConfig:
+        """Walk from ``start`` upward as pytest does; a pyproject.toml without pytest settings is the fallback."""
+        fallback: Path | None = None
+        for folder in (start, *start.parents):
+            for name in _CONFIG_FILES:
+                path = folder / name
+                if not path.is_file():
+                    continue
+                values = _read_config(path)
+                if values is not None:
+                    return cls(path, values)
+                if name == "pyproject.toml" and fallback is None:
+                    fallback = path
+        return cls(fallback)
+
+    def path_value(self, key: str) -> Path | None:
+        """``key`` as a path; a relative one is relative to the configuration file's folder."""
+        value = self.values.get(key)
+        if value in (None, "") or self.path is None:
+            return None
+        candidate = Path(str(value)).expanduser()
+        return candidate if candidate.is_absolute() else self.path.parent / candidate
+
+    def cache_dir(self, given: Path | None) -> Path:
+        """--cache, else ``slm_cache``, else $SLMDEPLOY_CACHE or the default."""
+        if given is not None:
+            return given.expanduser().resolve()
+        return (self.path_value("slm_cache") or default_cache_dir()).resolve()
+
+    def history_dir(self, given: Path | None) -> Path:
+        """--history, else ``slm_bench_history``, else ``.slmdeploy/history`` beside the file (as the plugin)."""
+        if given is not None:
+            return given.expanduser().resolve()
+        folder = self.path.parent if self.path else Path.cwd()
+        return (self.path_value("slm_bench_history") or folder / ".slmdeploy" / "history").resolve()
+
+
+def _read_config(path: Path) -> dict[str, object] | None:
+    """The pytest settings in ``path``, or None when the file holds none (pytest then looks further)."""
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"{path} is not valid TOML: {exc}") from None
+        if path.name != "pyproject.toml":
+            table = document.get("pytest", {})
+            return dict(table) if isinstance(table, dict) else {}
+        tool = document.get("tool", {}).get("pytest")
+        if not isinstance(tool, dict):
+            return None
+        native = {key: value for key, value in tool.items() if key != "ini_options"}
+        return native or dict(tool.get("ini_options", {}))
+    import iniconfig  # pytest's own ini parser, so values read as pytest reads them
+
+    try:
+        parsed = iniconfig.IniConfig(str(path))
+    except iniconfig.ParseError as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+    section = "tool:pytest" if path.name == "setup.cfg" else "pytest"
+    if section in parsed:
+        return dict(parsed[section].items())
+    return {} if path.name in ("pytest.ini", ".pytest.ini") else None
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slmdeploy", description=__doc__)
-    parser.add_argument(
-        "--cache", type=Path, default=None, help="cache folder (default $SLMDEPLOY_CACHE or ~/.cache/slmdeploy)"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    # Each shared option is on the top-level parser and again on every subcommand that uses it, so it may
+    # come before or after the command. SUPPRESS keeps a subcommand's unset copy from overwriting the other.
+    cache_help = "cache folder (default: slm_cache from the pytest configuration, $SLMDEPLOY_CACHE, ~/.cache/slmdeploy)"
+    history_help = "benchmark history folder (default: slm_bench_history, else .slmdeploy/history)"
 
-    build = commands.add_parser("build", help="convert, quantize and install a Hugging Face model folder")
-    build.add_argument("model", type=Path, help="Hugging Face model folder")
-    build.add_argument("--precision", choices=PRECISIONS, default="int4", help="default int4")
+    def cache(default: object) -> argparse.ArgumentParser:
+        parent = argparse.ArgumentParser(add_help=False)
+        parent.add_argument("--cache", type=Path, default=default, metavar="DIR", help=cache_help)
+        return parent
+
+    def history(default: object) -> argparse.ArgumentParser:
+        parent = argparse.ArgumentParser(add_help=False)
+        parent.add_argument("--history", type=Path, default=default, metavar="DIR", help=history_help)
+        parent.add_argument("--model", default=default, metavar="NAME", help="model in the history (default: all)")
+        return parent
+
+    def command(
+        group: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        text: str,
+        parents: Sequence[argparse.ArgumentParser] = (),
+    ) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=list(parents), help=text, description=text)
+
+    parser = argparse.ArgumentParser(prog="slmdeploy", description=DESCRIPTION, epilog=EPILOG, parents=[cache(None)])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    on_cache = [cache(argparse.SUPPRESS)]
+
+    build = command(commands, "build", "convert, quantize and install a Hugging Face model folder", on_cache)
+    build.add_argument("model", type=Path, help="Hugging Face model folder (config.json, tokenizer, safetensors)")
+    build.add_argument("--precision", choices=PRECISIONS, default="int4", help="weight precision (default int4)")
     build.add_argument("--name", default=None, help="name in the cache (default <folder>-<precision>)")
     build.add_argument("--rebuild", action="store_true", help="build even if an identical build is installed")
-    build.add_argument("--chat-template", default="auto", help="auto (default), chatml, or a .jinja file")
+    build.add_argument(
+        "--chat-template", default="auto", help="auto (the model's own, default), chatml, or a .jinja file"
+    )
     build.add_argument("--trust-remote-code", action="store_true", help="allow models with their own code")
 
-    commands.add_parser("ls", help="list installed models (like `foundry cache ls`)")
-    fingerprint = commands.add_parser("fingerprint", help="print a model folder's content hash (for CI cache keys)")
-    fingerprint.add_argument("model", type=Path)
-    verify = commands.add_parser("verify", help="re-hash an installed model's files against its manifest")
-    verify.add_argument("name")
-    remove = commands.add_parser("rm", help="remove an installed model")
-    remove.add_argument("name")
+    command(commands, "ls", "list installed models (like 'foundry cache ls')", on_cache)
+    fingerprint = command(commands, "fingerprint", "print a model folder's content hash (for CI cache keys)")
+    fingerprint.add_argument("model", type=Path, help="Hugging Face model folder")
+    verify = command(commands, "verify", "re-hash an installed model's files against its manifest", on_cache)
+    verify.add_argument("name", help="installed model name (see slmdeploy ls)")
+    remove = command(commands, "rm", "remove an installed model", on_cache)
+    remove.add_argument("name", help="installed model name (see slmdeploy ls)")
 
-    bench = commands.add_parser("bench", help="benchmark history: table, compare, plot")
-    bench.add_argument("--history", type=Path, default=Path(".slmdeploy/history"), help="history folder")
-    bench.add_argument("--model", default=None, help="model name (default: every model in the history)")
-    actions = bench.add_subparsers(dest="action", required=True)
-    actions.add_parser("history", help="every run as a Markdown table, with the last change")
-    compare = actions.add_parser("compare", help="two runs side by side (default: the last two)")
+    bench = command(commands, "bench", "benchmark history: table, compare, plot", [history(None)])
+    actions = bench.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    on_history = [history(argparse.SUPPRESS)]
+    command(actions, "history", "every run as a Markdown table, with the last change", on_history)
+    compare = command(actions, "compare", "two runs side by side (default: the last two)", on_history)
     compare.add_argument("runs", nargs="*", help="run names (or 'last'), at most two")
-    plot = actions.add_parser("plot", help="draw the history as a PNG")
-    plot.add_argument("--out", type=Path, default=Path("slmdeploy-history.png"))
+    plot = command(actions, "plot", "draw the history as a PNG (needs the plot extra: matplotlib)", on_history)
+    plot.add_argument(
+        "--out", type=Path, default=Path("slmdeploy-history.png"), help="PNG file (default slmdeploy-history.png)"
+    )
     plot.add_argument("--metric", action="append", help="metric to draw (repeatable; default decode_tps, ttft_ms)")
     return parser
 
 
 def _bench(args: argparse.Namespace) -> int:
     from pytest_slmdeploy import bench
+
+    if args.action == "plot" and importlib.util.find_spec("matplotlib") is None:
+        print(PLOT_NEEDS_MATPLOTLIB, file=sys.stderr)
+        return 2
 
     history = bench.History(args.history)
     records = history.records(args.model)
@@ -128,9 +249,13 @@ def _verify(cache: ModelCache, name: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    cache_dir = (args.cache or default_cache_dir()).resolve()
-    cache = ModelCache(cache_dir)
     try:
+        config = ProjectConfig.find(Path.cwd())
+        if args.command == "bench":
+            args.history = config.history_dir(args.history)
+            return _bench(args)
+        cache_dir = config.cache_dir(args.cache)
+        cache = ModelCache(cache_dir)
         if args.command == "build":
             return _build(args, cache_dir)
         if args.command == "ls":
@@ -143,8 +268,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(content_hash(inspect_source(args.model).path))
             return 0
-        if args.command == "bench":
-            return _bench(args)
         if args.command == "rm":
             removed = cache.remove(check_model_name(args.name))
             print(f"{args.name}: {'removed' if removed else 'not installed'}")
