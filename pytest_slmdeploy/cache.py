@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import psutil
 
 from pytest_slmdeploy.errors import CacheError
 from pytest_slmdeploy.settings import check_model_name
-from pytest_slmdeploy.source import iter_files, sha256_file
+from pytest_slmdeploy.source import STAT_CACHE_NAME, HashCache, iter_files, sha256_file
 
 MANIFEST_NAME = "slmdeploy_manifest.json"
 INFERENCE_MODEL_NAME = "inference_model.json"
@@ -148,7 +149,8 @@ class ModelCache:
     def check(self, name: str, build_key: str | None = None, *, deep: bool = False) -> EntryState:
         """Is ``custom/<name>`` complete, built for ``build_key``, and unchanged since install?
 
-        The quick check compares sizes and mtimes (a stat per file); ``deep`` hashes every file.
+        The quick check costs a stat per file: a file is re-hashed only when its inode, ctime,
+        size or mtime differ from when it was last hashed (``fingerprints.json``); ``deep`` hashes every file.
         """
         folder = self.entry_dir(name)
         if not folder.is_dir():
@@ -160,15 +162,14 @@ class ModelCache:
             return EntryState(False, "the source, precision, recipe or tool versions changed", manifest)
         if (folder / IN_PROGRESS_MARKER).exists():
             return EntryState(False, f"{IN_PROGRESS_MARKER} present (incomplete install)", manifest)
-        for rel, record in manifest.files.items():
-            path = folder / rel
-            try:
-                st = path.stat()
-            except OSError:
-                return EntryState(False, f"{rel} is missing", manifest)
-            changed = st.st_size != record.size or st.st_mtime_ns != record.mtime_ns
-            if (changed or deep) and (st.st_size != record.size or sha256_file(path) != record.sha256):
-                return EntryState(False, f"{rel} changed since install", manifest)
+        hashes = HashCache(self.root / STAT_CACHE_NAME)
+        try:
+            for rel, record in manifest.files.items():
+                problem = _file_problem(folder / rel, record, hashes, deep=deep)
+                if problem:
+                    return EntryState(False, f"{rel} {problem}", manifest)
+        finally:
+            hashes.save()
         return EntryState(True, "ok", manifest)
 
     def new_staging(self, name: str) -> Path:
@@ -252,6 +253,23 @@ class ModelCache:
         finally:
             owner_file.unlink(missing_ok=True)
             lock.release()
+
+
+def _file_problem(path: Path, record: FileRecord, hashes: HashCache, *, deep: bool) -> str | None:
+    """Why an installed file no longer matches its record, or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"  # and reading a FIFO would block forever
+    if st.st_size != record.size:
+        return "changed since install"
+    try:
+        digest = hashes.sha256(path, st, reuse=not deep)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None if digest == record.sha256 else "changed since install"
 
 
 def _read_owner(owner_file: Path) -> str:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ SUPPORTED_ARCHITECTURES = frozenset(
 )  # fmt: skip
 
 _IGNORED_PARTS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
-_STAT_CACHE_NAME = "fingerprints.json"
+STAT_CACHE_NAME = "fingerprints.json"
 
 
 @dataclass(frozen=True)
@@ -191,34 +192,74 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# A file changed this recently may change again within one timestamp tick (a second on some
+# filesystems) without its stat showing it: its hash is reused only once it has been still this long.
+_SETTLED_NS = 2_000_000_000
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """What no one restores by accident: ``touch -r`` puts back the mtime, never the ctime (the kernel sets it)."""
+    return [st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns]
+
+
+class HashCache:
+    """SHA-256 of files, reused while their inode, ctime, size and mtime are unchanged (a JSON file keyed by path).
+
+    Only a cache: a lost or damaged file costs a re-hash, never a wrong answer.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._known = self._load()
+        self._updated = dict(self._known)
+
+    def _load(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def sha256(self, file: Path, st: os.stat_result | None = None, *, reuse: bool = True) -> str:
+        """The file's hash: the recorded one while its stamp is unchanged (and ``reuse``), else computed now."""
+        st = st if st is not None else file.stat()
+        key, stamp = str(file), _stamp(st)
+        entry = self._known.get(key)
+        if reuse and isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
+            return str(entry["sha256"])
+        started = time.time_ns()
+        digest = sha256_file(file)
+        if st.st_ctime_ns + _SETTLED_NS <= started:
+            self._updated[key] = {"stat": stamp, "sha256": digest}
+        else:
+            self._updated.pop(key, None)
+        return digest
+
+    def save(self) -> None:
+        """Write the hashes learnt (atomically); a cache that cannot be written is left as it was."""
+        if self.path is None or self._updated == self._known:
+            return
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._updated))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return
+        self._known = dict(self._updated)
+
+
 def fingerprint(folder: Path, *, stat_cache_dir: Path | None = None) -> str:
-    """A content hash of the folder; file hashes are reused while (size, mtime) are unchanged.
+    """A content hash of the folder; file hashes are reused while a file's stat stamp is unchanged.
 
     The reuse makes a warm run cost one ``stat`` per file; a changed file is hashed again.
     """
-    cache_file = stat_cache_dir / _STAT_CACHE_NAME if stat_cache_dir else None
-    known: dict[str, Any] = {}
-    if cache_file is not None and cache_file.is_file():
-        try:
-            known = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            known = {}
-    updated = dict(known)
+    hashes = HashCache(stat_cache_dir / STAT_CACHE_NAME if stat_cache_dir else None)
     total = hashlib.sha256()
     for file in iter_files(folder):
-        st = file.stat()
-        key = str(file)
-        stamp = [st.st_size, st.st_mtime_ns]
-        entry = known.get(key)
-        if isinstance(entry, dict) and entry.get("stat") == stamp:
-            digest = str(entry["sha256"])
-        else:
-            digest = sha256_file(file)
-            updated[key] = {"stat": stamp, "sha256": digest}
-        total.update(f"{file.relative_to(folder).as_posix()}\0{digest}\n".encode())
-    if cache_file is not None and updated != known:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(updated))
-        os.replace(tmp, cache_file)
+        total.update(f"{file.relative_to(folder).as_posix()}\0{hashes.sha256(file)}\n".encode())
+    hashes.save()
     return total.hexdigest()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_slmdeploy import source
 from pytest_slmdeploy.cache import IN_PROGRESS_MARKER, Manifest, ModelCache, record_files
 from pytest_slmdeploy.errors import CacheError
 from pytest_slmdeploy.foundry import is_foundry_entry
@@ -47,21 +49,55 @@ def test_publish_is_a_rename_and_replaces_the_old_entry(tmp_path: Path) -> None:
     assert cache.names() == ["m"]
 
 
-def test_check_detects_changed_and_missing_files(tmp_path: Path) -> None:
-    cache = ModelCache(tmp_path)
+def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    calls: list[Path] = []
+    real = source.sha256_file
+    monkeypatch.setattr(source, "sha256_file", lambda path: calls.append(path) or real(path))
+    return calls
+
+
+def _install(cache: ModelCache) -> Path:
     staging = _staged(cache)
-    entry = cache.publish(staging, "m", _manifest(staging))
-    onnx = entry / "model.onnx"
-    stat = onnx.stat()
-    onnx.write_bytes(b"ONNX")  # same size, new content: only a deep check (or a changed mtime) sees it
-    os.utime(onnx, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return cache.publish(staging, "m", _manifest(staging))
+
+
+def test_check_detects_changed_and_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source, "_SETTLED_NS", 0)  # trust the stamps of files written a moment ago
+    cache = ModelCache(tmp_path)
+    entry = _install(cache)
     assert cache.check("m").usable
+    calls = _counting_hashes(monkeypatch)
+    assert cache.check("m").usable
+    assert calls == [], "the quick check of an unchanged entry is a stat per file"
+    onnx = entry / "model.onnx"
+    before = onnx.stat()
+    time.sleep(0.02)  # past a coarse clock tick, so the change gets its own ctime
+    onnx.write_bytes(b"ONNX")  # same size, new content, and the mtime put back (touch -r)
+    os.utime(onnx, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (onnx.stat().st_size, onnx.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert cache.check("m").reason == "model.onnx changed since install"
     assert cache.check("m", deep=True).reason == "model.onnx changed since install"
     onnx.write_bytes(b"longer content")
     assert cache.check("m").reason == "model.onnx changed since install"
     onnx.unlink()
     assert cache.check("m").reason == "model.onnx is missing"
+    os.mkfifo(onnx)  # a hash would block on it forever
+    assert cache.check("m").reason == "model.onnx is not a regular file"
     assert cache.check("other").reason == "not installed"
+
+
+def test_an_entry_moved_or_restored_is_hashed_once_then_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source, "_SETTLED_NS", 0)
+    cache = ModelCache(tmp_path / "a")
+    _install(cache)
+    restored = ModelCache(Path(shutil.copytree(tmp_path / "a", tmp_path / "b")))  # as a CI cache restore does
+    calls = _counting_hashes(monkeypatch)
+    assert restored.check("m").usable
+    assert len(calls) == 3  # new inodes and ctimes: hashed, then recorded
+    assert restored.check("m").usable
+    assert len(calls) == 3
 
 
 def test_remove(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,7 @@ def test_pickled_weights_are_refused(model_copy: Path) -> None:
 def test_fingerprint_follows_content_and_reuses_hashes(
     model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(source, "_SETTLED_NS", 0)  # the copy is seconds old: trust it at once
     stats = tmp_path / "stats"
     first = fingerprint(model_copy, stat_cache_dir=stats)
     assert first == fingerprint(model_copy)  # the stat cache changes nothing
@@ -73,3 +76,60 @@ def test_fingerprint_follows_content_and_reuses_hashes(
 def test_fingerprint_ignores_where_the_folder_lies(model_copy: Path, tmp_path: Path) -> None:
     moved = model_copy.rename(tmp_path / "elsewhere")
     assert fingerprint(moved) == fingerprint(Path(__file__).parent / ".." / moved)
+
+
+def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    calls: list[Path] = []
+    real = source.sha256_file
+    monkeypatch.setattr(source, "sha256_file", lambda path: calls.append(path) or real(path))
+    return calls
+
+
+def _small_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    return folder
+
+
+def test_fingerprint_sees_a_byte_changed_with_the_mtime_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source, "_SETTLED_NS", 0)
+    folder, stats = _small_folder(tmp_path), tmp_path / "stats"
+    weights = folder / "model.safetensors"
+    first = fingerprint(folder, stat_cache_dir=stats)
+    calls = _counting_hashes(monkeypatch)
+    assert fingerprint(folder, stat_cache_dir=stats) == first
+    assert calls == []  # the stamps were recorded and are trusted
+    before = weights.stat()
+    time.sleep(0.02)  # past a coarse clock tick, so the change gets its own ctime
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # touch -r
+    after = weights.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert fingerprint(folder, stat_cache_dir=stats) == fingerprint(folder) != first
+    assert calls[0] == weights
+
+
+def test_fingerprint_does_not_trust_a_file_changed_a_moment_ago(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, stats = _small_folder(tmp_path), tmp_path / "stats"
+    first = fingerprint(folder, stat_cache_dir=stats)
+    calls = _counting_hashes(monkeypatch)
+    # Changed within the same timestamp tick as its hash, it could change again unseen: hash it until settled.
+    assert fingerprint(folder, stat_cache_dir=stats) == first
+    assert sorted(calls) == sorted(folder.iterdir())
+
+
+def test_a_damaged_stat_cache_only_costs_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source, "_SETTLED_NS", 0)
+    folder, stats = _small_folder(tmp_path), tmp_path / "stats"
+    first = fingerprint(folder, stat_cache_dir=stats)
+    for damaged in ("not json", "[1, 2]", '{"%s": {"stat": 5, "sha256": 7}}' % (folder / "config.json")):
+        (stats / source.STAT_CACHE_NAME).write_text(damaged)
+        assert fingerprint(folder, stat_cache_dir=stats) == first
