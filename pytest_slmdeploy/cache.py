@@ -2,7 +2,8 @@
 
 Builds go to ``<cache>/.staging/`` and are renamed into place, so a killed
 build never leaves a half-installed entry; a manifest records hashes, sizes,
-versions and timings so a changed entry is detected.
+versions and timings so a changed entry is detected. Each staging folder is
+owned through its own file lock, never through a pid.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import filelock
-import psutil
 
 from pytest_slmdeploy.errors import CacheError
 from pytest_slmdeploy.settings import check_model_name
@@ -108,6 +108,21 @@ class EntryState:
     manifest: Manifest | None = None
 
 
+@dataclass(frozen=True)
+class Staging:
+    """One build's folder ``.staging/<name>.<id>/``: ``model/`` (published by a rename) and ``work/`` (Olive's)."""
+
+    folder: Path
+
+    @property
+    def model(self) -> Path:
+        return self.folder / "model"
+
+    @property
+    def work(self) -> Path:
+        return self.folder / "work"
+
+
 class ModelCache:
     """A cache folder laid out as Foundry Local's: ``custom/<name>/`` per model."""
 
@@ -122,6 +137,15 @@ class ModelCache:
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / ".staging"
+
+    @property
+    def _staging_locks(self) -> Path:
+        # Beside the folders, not in .staging/: a lock file must outlive the folder it guards.
+        return self.root / ".locks" / "staging"
+
     def entry_dir(self, name: str) -> Path:
         return self.custom_dir / check_model_name(name)
 
@@ -129,7 +153,7 @@ class ModelCache:
         """Create the cache folders, or say clearly why they cannot be written."""
         probe = self.root / f".write-probe-{os.getpid()}"
         try:
-            for folder in (self.custom_dir, self.root / ".staging", self.root / ".locks", self.logs_dir):
+            for folder in (self.custom_dir, self.staging_dir, self._staging_locks, self.logs_dir):
                 folder.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
@@ -172,35 +196,62 @@ class ModelCache:
             hashes.save()
         return EntryState(True, "ok", manifest)
 
-    def new_staging(self, name: str) -> Path:
-        """A fresh staging folder next to ``custom/`` (same filesystem, so publishing is a rename)."""
-        staging = self.root / ".staging" / f"{check_model_name(name)}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        (staging / IN_PROGRESS_MARKER).write_text("slmdeploy build in progress\n")
-        return staging
+    @contextlib.contextmanager
+    def staging(self, name: str) -> Iterator[Staging]:
+        """A fresh staging folder next to ``custom/`` (same filesystem, so publishing is a rename).
 
-    def publish(self, staging: Path, name: str, manifest: Manifest) -> Path:
-        """Write the manifest and move ``staging`` into ``custom/<name>``, replacing any old entry."""
+        It is this process's while the block runs (its lock is held) and removed when the block ends.
+        """
+        with self._claim(check_model_name(name)) as folder:
+            staging = Staging(folder)
+            staging.model.mkdir()
+            (staging.model / IN_PROGRESS_MARKER).write_text("slmdeploy build in progress\n")
+            yield staging
+
+    @contextlib.contextmanager
+    def _claim(self, prefix: str) -> Iterator[Path]:
+        """A new folder in ``.staging/``, locked before it exists and until after it is removed."""
+        folder = self.staging_dir / f"{prefix}.{uuid.uuid4().hex[:12]}"
+        lock = self._staging_lock(folder)
+        lock.acquire(timeout=60)  # a fresh name: only a cleaner probing it can hold it, for an instant
+        try:
+            folder.mkdir(parents=True)
+            yield folder
+        finally:
+            self._remove_locked(folder, lock)
+
+    def _staging_lock(self, folder: Path) -> filelock.BaseFileLock:
+        self._staging_locks.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(self._staging_locks / f"{folder.name}.lock"))
+
+    def _remove_locked(self, folder: Path, lock: filelock.BaseFileLock) -> None:
+        """Remove ``folder`` and its lock file, then release the lock (a waiter on the old file retries)."""
+        try:
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)
+            Path(lock.lock_file).unlink(missing_ok=True)
+        finally:
+            lock.release()
+
+    def publish(self, staging: Staging, name: str, manifest: Manifest) -> Path:
+        """Write the manifest and move ``staging.model`` into ``custom/<name>``, replacing any old entry."""
         final = self.entry_dir(name)
         final.parent.mkdir(parents=True, exist_ok=True)
-        (staging / MANIFEST_NAME).write_text(manifest.to_json())
-        (staging / IN_PROGRESS_MARKER).unlink(missing_ok=True)
-        trash = None
-        if final.exists():
-            trash = self.root / ".staging" / f"{name}.old.{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-        os.replace(staging, final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        (staging.model / MANIFEST_NAME).write_text(manifest.to_json())
+        (staging.model / IN_PROGRESS_MARKER).unlink(missing_ok=True)
+        if final.exists() or final.is_symlink():
+            os.replace(final, staging.folder / "replaced")  # removed with the staging folder
+        os.replace(staging.model, final)
         return final
 
     def remove(self, name: str) -> bool:
         folder = self.entry_dir(name)
         if not folder.exists():
             return False
-        trash = self.root / ".staging" / f"{name}.rm.{uuid.uuid4().hex[:8]}"
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        with self._claim(f"{name}.removed") as trash:
+            os.replace(folder, trash / name)
         return True
 
     def names(self) -> list[str]:
@@ -209,18 +260,32 @@ class ModelCache:
         return sorted(p.name for p in self.custom_dir.iterdir() if p.is_dir())
 
     def clean_stale_staging(self) -> list[Path]:
-        """Remove staging folders left by builds whose process is gone (killed builds)."""
+        """Remove staging folders that no live process holds (killed builds), whoever made them.
+
+        A folder's owner holds its lock from before the folder exists until after it is gone, so a
+        lock that can be taken at once has no owner. The kernel drops a killed process's lock, and
+        the test needs no pid, so it holds across PID namespaces (containers sharing a cache).
+        """
         removed: list[Path] = []
-        staging_root = self.root / ".staging"
-        if not staging_root.is_dir():
-            return removed
-        for folder in staging_root.iterdir():
-            parts = folder.name.split(".")
-            pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
-            if pid is None or not psutil.pid_exists(pid):
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder)
+        if self.staging_dir.is_dir():
+            for folder in sorted(self.staging_dir.iterdir()):
+                if self._try_remove(folder):
+                    removed.append(folder)
+        if self._staging_locks.is_dir():  # lock files of builds killed before their folder was made
+            for lock_file in sorted(self._staging_locks.glob("*.lock")):
+                folder = self.staging_dir / lock_file.name.removesuffix(".lock")
+                if not folder.exists():
+                    self._try_remove(folder)
         return removed
+
+    def _try_remove(self, folder: Path) -> bool:
+        lock = self._staging_lock(folder)
+        try:
+            lock.acquire(blocking=False)
+        except filelock.Timeout:
+            return False  # a live build owns it
+        self._remove_locked(folder, lock)
+        return True
 
     @contextlib.contextmanager
     def lock(

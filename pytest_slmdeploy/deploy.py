@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,12 +165,10 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
             notes.append(f"rebuilt {name}: {state.reason}")
             progress(f"rebuilding {name!r}: {state.reason}")
         cache.clean_stale_staging()
-        staging = cache.new_staging(name)
-        work = staging.with_name(staging.name + ".work")
-        try:
+        with cache.staging(name) as staging:  # removed on the way out, built or not
             log_path = cache.logs_dir / f"{name}.build.log"  # kept after a failure: errors point to it
-            result = build.run_olive(plan.recipe, staging, work, log_path=log_path, progress=progress)
-            _install_files(staging, source, name, plan.chat_template)
+            result = build.run_olive(plan.recipe, staging.model, staging.work, log_path=log_path, progress=progress)
+            _install_files(staging.model, source, name, plan.chat_template)
             manifest = Manifest(
                 name=name,
                 build_key=key,
@@ -184,12 +181,9 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
                 build_seconds=round(result.seconds, 3),
                 build_peak_rss_bytes=result.peak_rss_bytes,
                 created_at=time.time(),
-                files=record_files(staging),
+                files=record_files(staging.model),
             )
             entry = cache.publish(staging, name, manifest)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
     progress(f"installed {entry} ({manifest.model_bytes / 1e6:.1f} MB, {manifest.size_ratio:.2f} of the source)")
     return Deployment(name, entry, manifest, False, watch.seconds, tuple(notes))
 

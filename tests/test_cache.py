@@ -1,16 +1,18 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from pytest_slmdeploy import source
-from pytest_slmdeploy.cache import IN_PROGRESS_MARKER, Manifest, ModelCache, record_files
+from pytest_slmdeploy.cache import IN_PROGRESS_MARKER, Manifest, ModelCache, Staging, record_files
 from pytest_slmdeploy.errors import CacheError
 from pytest_slmdeploy.foundry import is_foundry_entry
 
@@ -23,30 +25,36 @@ def _manifest(folder: Path, key: str = "k1") -> Manifest:
     )  # fmt: skip
 
 
-def _staged(cache: ModelCache, content: bytes = b"onnx") -> Path:
-    staging = cache.new_staging("m")
-    (staging / "genai_config.json").write_text("{}")
-    (staging / "model.onnx").write_bytes(content)
-    (staging / "inference_model.json").write_text('{"Name": "m"}')
-    return staging
+@contextlib.contextmanager
+def _staged(cache: ModelCache, content: bytes = b"onnx") -> Iterator[Staging]:
+    with cache.staging("m") as staging:
+        (staging.model / "genai_config.json").write_text("{}")
+        (staging.model / "model.onnx").write_bytes(content)
+        (staging.model / "inference_model.json").write_text('{"Name": "m"}')
+        yield staging
+
+
+def _install(cache: ModelCache, content: bytes = b"onnx", key: str = "k1") -> Path:
+    with _staged(cache, content) as staging:
+        return cache.publish(staging, "m", _manifest(staging.model, key))
 
 
 def test_publish_is_a_rename_and_replaces_the_old_entry(tmp_path: Path) -> None:
     cache = ModelCache(tmp_path)
-    staging = _staged(cache)
-    assert (staging / IN_PROGRESS_MARKER).exists()
-    assert not is_foundry_entry(staging), "Foundry must skip a folder still being written"
-    entry = cache.publish(staging, "m", _manifest(staging))
-    assert not staging.exists()
+    with _staged(cache) as staging:
+        assert (staging.model / IN_PROGRESS_MARKER).exists()
+        assert not is_foundry_entry(staging.model), "Foundry must skip a folder still being written"
+        entry = cache.publish(staging, "m", _manifest(staging.model))
+        assert not staging.model.exists()
     assert entry == tmp_path.resolve() / "custom" / "m"
     assert is_foundry_entry(entry)
     assert cache.check("m", "k1").usable
-    second = _staged(cache, b"new model")
-    cache.publish(second, "m", _manifest(second, "k2"))
+    _install(cache, b"new model", "k2")
     assert (entry / "model.onnx").read_bytes() == b"new model"
     assert cache.check("m", "k2").usable
     assert cache.check("m", "k1").reason == "the source, precision, recipe or tool versions changed"
     assert cache.names() == ["m"]
+    assert list(cache.staging_dir.iterdir()) == [], "the staging folder and the replaced entry are gone"
 
 
 def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
@@ -54,11 +62,6 @@ def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     real = source.sha256_file
     monkeypatch.setattr(source, "sha256_file", lambda path: calls.append(path) or real(path))
     return calls
-
-
-def _install(cache: ModelCache) -> Path:
-    staging = _staged(cache)
-    return cache.publish(staging, "m", _manifest(staging))
 
 
 def test_check_detects_changed_and_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,22 +105,82 @@ def test_an_entry_moved_or_restored_is_hashed_once_then_trusted(
 
 def test_remove(tmp_path: Path) -> None:
     cache = ModelCache(tmp_path)
-    staging = _staged(cache)
-    cache.publish(staging, "m", _manifest(staging))
+    _install(cache)
     assert cache.remove("m")
     assert not cache.remove("m")
     assert cache.names() == []
+    assert list(cache.staging_dir.iterdir()) == []
 
 
-def test_stale_staging_of_dead_processes_is_cleaned(tmp_path: Path) -> None:
+HOLD_STAGING = (
+    "import sys, time; from pathlib import Path; from pytest_slmdeploy.cache import ModelCache\n"
+    "with ModelCache(Path(sys.argv[1])).staging(sys.argv[2]) as staging:\n"
+    "    staging.work.mkdir(); (staging.work / 'olive.log').write_text('converting')\n"
+    "    print(staging.folder, flush=True); time.sleep(60)\n"
+)
+
+
+@contextlib.contextmanager
+def _building(cache_root: Path, name: str, prefix: Sequence[str] = ()) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """Another process in the middle of a build of ``name``: it holds a staging folder with Olive's work folder."""
+    args = [*prefix, sys.executable, "-c", HOLD_STAGING, str(cache_root), name]
+    holder = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline().strip()
+        assert line, f"the holder did not start (exit {holder.poll()})"
+        yield holder, Path(line)
+    finally:
+        holder.kill()
+        holder.communicate()  # waits and closes the pipe
+
+
+def test_cleaning_spares_other_live_builds_and_removes_dead_ones(tmp_path: Path) -> None:
     cache = ModelCache(tmp_path)
-    mine = cache.new_staging("m")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / ".staging" / f"m.{dead.stdout.strip()}.abcd1234"
-    stale.mkdir()
-    removed = cache.clean_stale_staging()
-    assert removed == [stale.resolve()] or removed == [stale]
-    assert mine.exists()
+    cache.ensure_writable()
+    legacy = cache.staging_dir / f"m.{os.getpid()}.abcd1234.work"  # an old-style name with a live pid: no owner
+    legacy.mkdir()
+    with _building(tmp_path, "a") as (holder, theirs), cache.staging("b") as mine:
+        removed = cache.clean_stale_staging()
+        assert (theirs / "work" / "olive.log").is_file(), "another name's live build lost its work folder"
+        assert mine.model.is_dir()
+        assert removed == [legacy]
+        holder.kill()
+        holder.wait()
+        assert cache.clean_stale_staging() == [theirs], "a killed build's folder goes (the kernel freed its lock)"
+        assert mine.model.is_dir()
+    assert list(cache.staging_dir.iterdir()) == []
+    assert list((tmp_path / ".locks" / "staging").iterdir()) == [], "no lock file is left behind"
+
+
+def _pid_namespace() -> list[str]:
+    prefix = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("unprivileged PID namespaces are not available here")
+    return prefix
+
+
+def test_cleaning_decides_by_lock_across_pid_namespaces(tmp_path: Path) -> None:
+    """A CI container sharing the cache: its pids mean nothing here, its locks do."""
+    cache = ModelCache(tmp_path)
+    with _building(tmp_path, "a", _pid_namespace()) as (holder, theirs):
+        assert cache.clean_stale_staging() == []
+        assert (theirs / "work" / "olive.log").is_file()
+        holder.kill()  # unshare; --kill-child then kills the build, which the kernel reaps in its own time
+        holder.wait()
+        deadline = time.monotonic() + 10
+        while (removed := cache.clean_stale_staging()) == [] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert removed == [theirs]
+
+
+def test_a_build_killed_before_its_folder_leaves_no_lock_file(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path)
+    cache.ensure_writable()
+    orphan = tmp_path / ".locks" / "staging" / "m.0123456789ab.lock"
+    orphan.write_text("")
+    assert cache.clean_stale_staging() == []
+    assert not orphan.exists()
 
 
 def test_lock_held_by_another_process(tmp_path: Path) -> None:
@@ -149,8 +212,8 @@ def test_not_writable(tmp_path: Path) -> None:
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:
-    staging = _staged(ModelCache(tmp_path))
-    manifest = _manifest(staging)
+    with _staged(ModelCache(tmp_path)) as staging:
+        manifest = _manifest(staging.model)
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert manifest.model_bytes == sum(f.size for f in manifest.files.values())
     assert manifest.size_ratio == manifest.model_bytes / 100
