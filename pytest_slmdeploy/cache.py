@@ -9,6 +9,7 @@ owned through its own file lock, never through a pid.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -17,8 +18,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import filelock
 
@@ -26,11 +27,76 @@ from pytest_slmdeploy.errors import CacheError
 from pytest_slmdeploy.settings import check_model_name
 from pytest_slmdeploy.source import STAT_CACHE_NAME, HashCache, iter_files, sha256_file
 
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
+
 MANIFEST_NAME = "slmdeploy_manifest.json"
 INFERENCE_MODEL_NAME = "inference_model.json"
 # Foundry Local skips a folder holding this file while it is being written (its own download marker).
 IN_PROGRESS_MARKER = "download.tmp"
 MANIFEST_SCHEMA = 1
+NOT_INSTALLED = "not installed"
+# Files every build installs (build.REQUIRED_OUTPUTS): a manifest without them vouches for nothing.
+_REQUIRED_FILES = ("genai_config.json", "model.onnx")
+_FILE_RECORD_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "size": {"type": "integer", "minimum": 0},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "mtime_ns": {"type": "integer"},
+    },
+    "required": ["size", "sha256", "mtime_ns"],
+    "additionalProperties": False,
+}
+MANIFEST_JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "schema": {"const": MANIFEST_SCHEMA},
+        "name": {"type": "string", "minLength": 1},
+        "build_key": {"type": "string", "minLength": 1},
+        "source_path": {"type": "string"},
+        "source_fingerprint": {"type": "string"},
+        "source_bytes": {"type": "integer", "minimum": 0},
+        "precision": {"type": "string"},
+        "recipe": {"type": "object"},
+        "versions": {"type": "object", "additionalProperties": {"type": "string"}},
+        "build_seconds": {"type": "number", "minimum": 0},
+        "build_peak_rss_bytes": {"type": "integer", "minimum": 0},
+        "created_at": {"type": "number", "minimum": 0, "maximum": 253402300799},  # up to 9999: what ls can show
+        "files": {
+            "type": "object",
+            "additionalProperties": _FILE_RECORD_JSON_SCHEMA,
+            "required": list(_REQUIRED_FILES),
+        },
+    },
+    "required": [
+        "schema", "name", "build_key", "source_path", "source_fingerprint", "source_bytes", "precision",
+        "recipe", "versions", "build_seconds", "build_peak_rss_bytes", "created_at", "files",
+    ],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or invalid: the entry counts as not installed."""
+
+
+@functools.cache
+def _manifest_validator() -> Validator:
+    import jsonschema  # only where a manifest is read: about 0.1 s to import
+
+    return jsonschema.Draft202012Validator(MANIFEST_JSON_SCHEMA)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _one_line(text: str) -> str:
+    """One short line: the manifest's own values can be long."""
+    text = " ".join(text.split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 @dataclass(frozen=True)
@@ -80,10 +146,22 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
-            raise ValueError("unknown manifest schema")
-        data["files"] = {k: FileRecord(**v) for k, v in data.get("files", {}).items()}
+        """Parse and validate a manifest, or raise :class:`ManifestError` saying what is wrong in one line."""
+        try:
+            data = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ManifestError(f"{MANIFEST_NAME} is not valid JSON ({_one_line(str(exc))})") from None
+        from jsonschema.exceptions import best_match
+
+        error = best_match(_manifest_validator().iter_errors(data))
+        if error is not None:
+            where = "/".join(str(part) for part in error.absolute_path) or "top level"
+            raise ManifestError(f"{MANIFEST_NAME} is invalid at {where}: {_one_line(error.message)}")
+        for rel in data["files"]:
+            pure = PurePosixPath(rel)
+            if pure.is_absolute() or pure.as_posix() != rel or not pure.parts or ".." in pure.parts:
+                raise ManifestError(f"{MANIFEST_NAME} is invalid at files: {rel!r} is not a path inside the entry")
+        data["files"] = {k: FileRecord(**v) for k, v in data["files"].items()}
         return cls(**data)
 
 
@@ -106,6 +184,10 @@ class EntryState:
     usable: bool
     reason: str
     manifest: Manifest | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self.reason != NOT_INSTALLED
 
 
 @dataclass(frozen=True)
@@ -163,11 +245,26 @@ class ModelCache:
                 "pass --slm-cache DIR or set SLMDEPLOY_CACHE to a writable folder"
             ) from None
 
-    def read_manifest(self, name: str) -> Manifest | None:
+    def load_manifest(self, name: str) -> Manifest:
+        """The entry's manifest, or :class:`ManifestError` saying in one line why it cannot be trusted."""
         path = self.entry_dir(name) / MANIFEST_NAME
         try:
-            return Manifest.from_json(path.read_text())
-        except (OSError, ValueError, TypeError):
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise ManifestError(f"no {MANIFEST_NAME}") from None
+        except OSError as exc:
+            raise ManifestError(f"{MANIFEST_NAME} cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise ManifestError(f"{MANIFEST_NAME} is not valid JSON (not UTF-8 text)") from None
+        manifest = Manifest.from_json(text)
+        if manifest.name != name:
+            raise ManifestError(f"{MANIFEST_NAME} is for {manifest.name!r}, not {name!r} (a copied entry)")
+        return manifest
+
+    def read_manifest(self, name: str) -> Manifest | None:
+        try:
+            return self.load_manifest(name)
+        except ManifestError:
             return None
 
     def check(self, name: str, build_key: str | None = None, *, deep: bool = False) -> EntryState:
@@ -178,10 +275,11 @@ class ModelCache:
         """
         folder = self.entry_dir(name)
         if not folder.is_dir():
-            return EntryState(False, "not installed")
-        manifest = self.read_manifest(name)
-        if manifest is None:
-            return EntryState(False, f"no readable {MANIFEST_NAME}")
+            return EntryState(False, NOT_INSTALLED)
+        try:
+            manifest = self.load_manifest(name)
+        except ManifestError as exc:
+            return EntryState(False, str(exc))
         if build_key is not None and manifest.build_key != build_key:
             return EntryState(False, "the source, precision, recipe or tool versions changed", manifest)
         if (folder / IN_PROGRESS_MARKER).exists():

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pytest_slmdeploy.cache import ModelCache
+from pytest_slmdeploy.cache import ManifestError, ModelCache
 from pytest_slmdeploy.errors import SettingsError, SlmDeployError
 from pytest_slmdeploy.foundry import is_foundry_entry
 from pytest_slmdeploy.settings import PRECISIONS, Settings, check_model_name, default_cache_dir
@@ -227,10 +227,11 @@ def _ls(cache: ModelCache) -> int:
         return 0
     print(f"{'NAME':<32} {'PRECISION':<9} {'SIZE':>10} {'x SOURCE':>8}  {'BUILT':<16} FOUNDRY")
     for name in names:
-        manifest = cache.read_manifest(name)
-        foundry = "yes" if is_foundry_entry(cache.entry_dir(name)) else "no"
-        if manifest is None:
-            print(f"{name:<32} {'?':<9} {'?':>10} {'?':>8}  {'(no manifest)':<16} {foundry}")
+        foundry = "yes" if is_foundry_entry(cache.custom_dir / name) else "no"
+        try:
+            manifest = cache.load_manifest(name)
+        except (ManifestError, SettingsError) as exc:  # one line per entry, whatever is wrong with it
+            print(f"{name:<32} {'?':<9} {'?':>10} {'?':>8}  {'?':<16} {foundry:<7}  not usable: {exc}")
             continue
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(manifest.created_at))
         size = f"{manifest.model_bytes / 1e6:.1f} MB"
@@ -243,6 +244,9 @@ def _verify(cache: ModelCache, name: str) -> int:
     if state.usable:
         print(f"{name}: ok ({len(state.manifest.files) if state.manifest else 0} files match the manifest)")
         return 0
+    if not state.installed:
+        print(f"{name}: not installed in {cache.custom_dir} (slmdeploy ls lists what is)")
+        return 1
     print(f"{name}: DAMAGED: {state.reason}; rebuild (slmdeploy build --rebuild) or remove (slmdeploy rm {name})")
     return 1
 

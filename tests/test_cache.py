@@ -1,18 +1,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pytest_slmdeploy import source
-from pytest_slmdeploy.cache import IN_PROGRESS_MARKER, Manifest, ModelCache, Staging, record_files
+from pytest_slmdeploy.cache import IN_PROGRESS_MARKER, MANIFEST_NAME, Manifest, ModelCache, Staging, record_files
+from pytest_slmdeploy.cli import main
 from pytest_slmdeploy.errors import CacheError
 from pytest_slmdeploy.foundry import is_foundry_entry
 
@@ -217,3 +220,123 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert manifest.model_bytes == sum(f.size for f in manifest.files.values())
     assert manifest.size_ratio == manifest.model_bytes / 100
+
+
+def _edit(change: Callable[[dict[str, Any]], object]) -> Callable[[str], str]:
+    def edit(text: str) -> str:
+        data = json.loads(text)
+        change(data)
+        return json.dumps(data)
+
+    return edit
+
+
+def _record(data: dict[str, Any]) -> dict[str, Any]:
+    return dict(data["files"]["model.onnx"])
+
+
+MALFORMED: dict[str, tuple[Callable[[str], str], str]] = {
+    "files is a number": (_edit(lambda d: d.update(files=5)), "is invalid at files: 5 is not of type 'object'"),
+    "a key missing": (_edit(lambda d: d.pop("build_key")), "invalid at top level: 'build_key' is a required property"),
+    "a wrong type": (_edit(lambda d: d.update(created_at="yesterday")), "at created_at: 'yesterday' is not of type"),
+    "a file record damaged": (
+        _edit(lambda d: d["files"]["model.onnx"].update(size="4")),
+        "at files/model.onnx/size: '4' is not of type 'integer'",
+    ),
+    "a model file unlisted": (
+        _edit(lambda d: d["files"].pop("model.onnx")),
+        "at files: 'model.onnx' is a required property",
+    ),
+    "a path outside the entry": (
+        _edit(lambda d: d["files"].update({"../../../etc/hostname": _record(d)})),
+        "at files: '../../../etc/hostname' is not a path inside the entry",
+    ),
+    "an unknown key": (_edit(lambda d: d.update(extra=1)), "Additional properties are not allowed ('extra'"),
+    "another schema": (_edit(lambda d: d.update(schema=2)), "at schema: 1 was expected"),
+    "another name": (_edit(lambda d: d.update(name="other")), "is for 'other', not 'm' (a copied entry)"),
+    "not JSON": (lambda text: text[:40], "is not valid JSON (Unterminated string"),
+    "NaN": (lambda text: text.replace('"build_seconds": 1.0', '"build_seconds": NaN'), "NaN is not a JSON number"),
+    "a JSON list": (lambda text: "[]", "at top level: [] is not of type 'object'"),
+    "empty": (lambda text: "", "is not valid JSON (Expecting value"),
+    "nested too deep": (lambda text: "[" * 200_000, "is not valid JSON (maximum recursion depth exceeded"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_manifest_means_not_installed(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    change, expected = MALFORMED[case]
+    cache = ModelCache(tmp_path)
+    path = _install(cache) / MANIFEST_NAME
+    path.write_text(change(path.read_text()))
+    state = cache.check("m")
+    assert not state.usable
+    assert state.reason.startswith(MANIFEST_NAME)
+    assert expected in state.reason
+    assert "\n" not in state.reason
+    assert cache.read_manifest("m") is None
+    assert main(["--cache", str(tmp_path), "ls"]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.startswith("m ")
+    assert row.endswith(f"not usable: {state.reason}")
+    assert main(["--cache", str(tmp_path), "verify", "m"]) == 1
+    assert (
+        capsys.readouterr().out
+        == f"m: DAMAGED: {state.reason}; rebuild (slmdeploy build --rebuild) or remove (slmdeploy rm m)\n"
+    )
+
+
+def test_a_manifest_that_is_not_utf8_or_missing(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path)
+    path = _install(cache) / MANIFEST_NAME
+    path.write_bytes(b"\xff\xfe{")
+    assert cache.check("m").reason == f"{MANIFEST_NAME} is not valid JSON (not UTF-8 text)"
+    path.unlink()
+    assert cache.check("m").reason == f"no {MANIFEST_NAME}"
+
+
+def test_verify_of_a_name_never_installed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--cache", str(tmp_path), "verify", "nothing"]) == 1
+    out = capsys.readouterr().out
+    assert out == f"nothing: not installed in {tmp_path.resolve() / 'custom'} (slmdeploy ls lists what is)\n"
+
+
+def test_ls_gives_every_folder_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = ModelCache(tmp_path)
+    _install(cache)
+    (cache.custom_dir / "bare").mkdir()
+    (cache.custom_dir / "not a name").mkdir()
+    assert main(["--cache", str(tmp_path), "ls"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 4
+    assert rows[1].startswith("bare ")
+    assert rows[1].endswith(f"not usable: no {MANIFEST_NAME}")
+    assert rows[2].startswith("m ")
+    assert rows[2].endswith(" yes")  # the FOUNDRY column, and nothing after it
+    assert rows[3].startswith("not a name ")
+    assert "not usable: model name 'not a name' is not allowed" in rows[3]
+
+
+def test_an_invalid_manifest_is_rebuilt(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through deploy, as pytest and ``slmdeploy build`` run it (a stand-in for Olive: only the cache counts)."""
+    from pytest_slmdeploy import build
+    from pytest_slmdeploy.deploy import deploy, prepare
+    from pytest_slmdeploy.settings import Settings
+
+    def olive(recipe: object, output_dir: Path, work_dir: Path, **kwargs: object) -> build.BuildResult:
+        work_dir.mkdir()
+        (output_dir / "genai_config.json").write_text(json.dumps({"model": {"context_length": 512}}))
+        (output_dir / "model.onnx").write_bytes(b"onnx")
+        return build.BuildResult(seconds=0.1, peak_rss_bytes=1, log_path=work_dir / "olive.log")
+
+    monkeypatch.setattr(build, "run_olive", olive)
+    settings = Settings(model=tiny_model, cache_dir=tmp_path)
+    first = deploy(prepare(settings))
+    assert not first.cache_hit
+    path = first.entry_dir / MANIFEST_NAME
+    path.write_text(_edit(lambda d: d.update(files=5))(path.read_text()))
+    second = deploy(prepare(settings))
+    assert not second.cache_hit
+    assert second.notes == (f"rebuilt {first.name}: {MANIFEST_NAME} is invalid at files: 5 is not of type 'object'",)
+    assert ModelCache(tmp_path).check(first.name, deep=True).usable
