@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BURN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
 
@@ -29,7 +30,7 @@ def start_burners(count: int, seconds: float) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen([sys.executable, "-c", BURN.format(seconds=seconds)]) for _ in range(count)]
 
 
-def run_suite(model: Path, cache: Path, report: Path, extra: list[str]) -> tuple[int, dict[str, object], float]:
+def run_suite(model: Path, cache: Path, report: Path, extra: list[str]) -> tuple[int, dict[str, Any], float, str]:
     command = [sys.executable, "-m", "pytest", "--slm-model", str(model), "--slm-cache", str(cache),
                "--slm-report", str(report), "--rootdir", str(report.parent), "-p", "no:cacheprovider", "-q",
                *extra]  # fmt: skip
@@ -42,8 +43,8 @@ def run_suite(model: Path, cache: Path, report: Path, extra: list[str]) -> tuple
         sys.stdout.write(
             done.stdout[-2000:] + (done.stderr[crash : crash + 3000] if crash >= 0 else done.stderr[-3000:])
         )
-        return done.returncode, {}, seconds
-    return done.returncode, json.loads(report.read_text()), seconds
+        return done.returncode, {}, seconds, done.stdout
+    return done.returncode, json.loads(report.read_text()), seconds, done.stdout
 
 
 def main() -> int:
@@ -68,10 +69,10 @@ def main() -> int:
         try:
             for run in range(1, args.runs + 1):
                 report = Path(tmp) / f"run{run}.json"
-                code, data, seconds = run_suite(args.model, cache, report, extra)
-                families = data.get("families", []) if isinstance(data, dict) else []
-                failed = sorted(f["family"] for f in families if f["status"] == "FAIL")  # type: ignore[index]
-                undecided = [m for f in families for m in f.get("inconclusive", [])]  # type: ignore[union-attr]
+                code, data, seconds, output = run_suite(args.model, cache, report, extra)
+                families = data.get("families", [])
+                failed = sorted(f["family"] for f in families if f["status"] == "FAIL")
+                undecided = [m for f in families for m in f.get("inconclusive", [])]
                 inconclusive += len(undecided)
                 met = (code == 0 and not failed) if expected_family is None else (failed == [expected_family])
                 misses += not met
@@ -79,6 +80,8 @@ def main() -> int:
                       f"inconclusive {len(undecided)}{'' if met else '  <-- not as expected'}", flush=True)  # fmt: skip
                 for message in undecided:
                     print(f"        inconclusive: {message}")
+                if not met:  # why: pytest's short summary
+                    print("\n".join(f"        {line}" for line in output.splitlines() if line.startswith("FAILED")))
         finally:
             for burner in burners:
                 burner.kill()
