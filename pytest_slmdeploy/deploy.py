@@ -19,8 +19,9 @@ from pytest_slmdeploy.cache import INFERENCE_MODEL_NAME, EntryState, Manifest, M
 from pytest_slmdeploy.errors import SourceError
 from pytest_slmdeploy.foundry import inference_model_json
 from pytest_slmdeploy.measure import Stopwatch
+from pytest_slmdeploy.runtime.probe import check_loads
 from pytest_slmdeploy.settings import Settings
-from pytest_slmdeploy.source import SourceModel, fingerprint, inspect_source
+from pytest_slmdeploy.source import SourceModel, check_weights_match, fingerprint, inspect_source
 
 Progress = Callable[[str], None]
 RecipeHook = Callable[[dict[str, Any]], dict[str, Any]]
@@ -165,10 +166,14 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
             notes.append(f"rebuilt {name}: {state.reason}")
             progress(f"rebuilding {name!r}: {state.reason}")
         cache.clean_stale_staging()
+        progress("checking the weights against config.json")
+        check_weights_match(source, trust_remote_code=settings.trust_remote_code)
         with cache.staging(name) as staging:  # removed on the way out, built or not
             log_path = cache.logs_dir / f"{name}.build.log"  # kept after a failure: errors point to it
             result = build.run_olive(plan.recipe, staging.model, staging.work, log_path=log_path, progress=progress)
             _install_files(staging.model, source, name, plan.chat_template)
+            progress("checking that the built model loads and generates")
+            check_loads(staging.model)
             manifest = Manifest(
                 name=name,
                 build_key=key,

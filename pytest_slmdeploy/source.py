@@ -69,15 +69,15 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _check_safetensors(path: Path) -> None:
-    """A safetensors file's header says how long its data is: a shorter file was truncated."""
+def _check_safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors file's header says how long its data is: a shorter file was truncated. Returns the header."""
     size = path.stat().st_size
     try:
         with path.open("rb") as fh:
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header longer than file")
-            header = json.loads(fh.read(header_len))
+            header: dict[str, Any] = json.loads(fh.read(header_len))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError):
         raise SourceError(
@@ -88,6 +88,95 @@ def _check_safetensors(path: Path) -> None:
         raise SourceError(
             f"weights file {path} is truncated: {size} bytes, its header needs {8 + header_len + end}; "
             "copy the model again"
+        )
+    return header
+
+
+def weight_shapes(source: SourceModel) -> dict[str, tuple[int, ...]]:
+    """Every tensor in the weight files and its shape, from the safetensors headers (no tensor is read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in source.weight_files:
+        for tensor, info in _check_safetensors(source.path / name).items():
+            if tensor != "__metadata__":
+                shapes[tensor] = tuple(int(d) for d in info["shape"])
+    return shapes
+
+
+def architecture_shapes(source: SourceModel, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
+    """The tensors the architecture in config.json needs, and their shapes (an empty model on the meta device).
+
+    Tied weights (an LM head sharing the embedding) are needed once. Imports torch and transformers:
+    call it only on the way to a build.
+    """
+    import logging
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its advice about other model classes is noise here
+    try:
+        config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many kinds for a bad config; the last line says why
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise SourceError(
+            f"{source.path / 'config.json'} does not describe a model transformers can build: {lines[-1]}"
+        ) from None
+    finally:
+        quiet.setLevel(level)
+    seen: dict[int, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # tied to a tensor already listed
+            continue
+        seen[id(tensor)] = name
+        shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def _grouped(names: list[str], limit: int = 6) -> str:
+    """``model.layers.{2, 3}.*`` for many tensors of a few layers; the first few names otherwise."""
+    layers: dict[str, set[str]] = {}
+    others: list[str] = []
+    for name in sorted(names):
+        prefix, sep, rest = name.partition(".layers.")
+        index = rest.split(".", 1)[0]
+        if sep and index.isdigit():
+            layers.setdefault(prefix, set()).add(index)
+        else:
+            others.append(name)
+    groups = [f"{prefix}.layers.{{{', '.join(sorted(ix, key=int))}}}.*" for prefix, ix in layers.items()]
+    shown = groups + others[:limit]
+    return ", ".join(shown) + (f" and {len(others) - limit} more" if len(others) > limit else "")
+
+
+def check_weights_match(source: SourceModel, *, trust_remote_code: bool = False) -> None:
+    """Fail, naming the tensors, when the weights lack what config.json's architecture needs or differ in shape.
+
+    Olive's builder fills a missing tensor silently (only its log says ``MISSING``), so a config that
+    claims more layers than the weights hold would build a model that answers nonsense.
+    """
+    needed = architecture_shapes(source, trust_remote_code=trust_remote_code)
+    present = weight_shapes(source)
+    missing = [name for name in needed if name not in present]
+    wrong = [
+        f"{name} {list(present[name])} (config.json needs {list(shape)})"
+        for name, shape in needed.items()
+        if name in present and present[name] != shape
+    ]
+    if missing:
+        raise SourceError(
+            f"{source.path}: the weights lack {len(missing)} tensors that config.json's architecture needs: "
+            f"{_grouped(missing)}; fix config.json (e.g. num_hidden_layers) or save the complete model again"
+        )
+    if wrong:
+        raise SourceError(
+            f"{source.path}: weights do not match config.json: {'; '.join(wrong[:3])}"
+            + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+            + "; fix config.json or save the model again"
         )
 
 

@@ -318,7 +318,9 @@ def test_ls_gives_every_folder_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert "not usable: model name 'not a name' is not allowed" in rows[3]
 
 
-def test_an_invalid_manifest_is_rebuilt(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_invalid_manifest_is_rebuilt(
+    tiny_model: Path, warm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through deploy, as pytest and ``slmdeploy build`` run it (a stand-in for Olive: only the cache counts)."""
     from pytest_slmdeploy import build
     from pytest_slmdeploy.deploy import deploy, prepare
@@ -326,8 +328,10 @@ def test_an_invalid_manifest_is_rebuilt(tiny_model: Path, tmp_path: Path, monkey
 
     def olive(recipe: object, output_dir: Path, work_dir: Path, **kwargs: object) -> build.BuildResult:
         work_dir.mkdir()
-        (output_dir / "genai_config.json").write_text(json.dumps({"model": {"context_length": 512}}))
-        (output_dir / "model.onnx").write_bytes(b"onnx")
+        built = warm_cache / "custom" / "faq-int4"  # a real build's output: it must load before it is installed
+        runtime_files = ("genai_config.json", "model.onnx", "model.onnx.data", "chat_template.jinja", "tokenizer.json")
+        for name in (*runtime_files, "tokenizer_config.json"):
+            shutil.copy2(built / name, output_dir / name)
         return build.BuildResult(seconds=0.1, peak_rss_bytes=1, log_path=work_dir / "olive.log")
 
     monkeypatch.setattr(build, "run_olive", olive)

@@ -211,3 +211,50 @@ def test_changed_entry_is_rebuilt_and_reported(pytester: pytest.Pytester, tiny_m
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*will build (model.onnx changed since install)*", "*note: rebuilt faq-int4*"])
+
+
+def test_missing_weights_fail_the_build_with_their_names(pytester: pytest.Pytester, model_copy: Path) -> None:
+    config = json.loads((model_copy / "config.json").read_text())
+    config["num_hidden_layers"] = 4
+    config.pop("layer_types", None)
+    (model_copy / "config.json").write_text(json.dumps(config))
+    cache = pytester.path / "cache"
+    pytester.makepyfile("def test_a(slm_model):\n    pass\n\ndef test_b(slm_model):\n    pass\n")
+    result = pytester.runpytest_subprocess("--slm-model", str(model_copy), "--slm-cache", str(cache), "--slm-no-suite")
+    result.assert_outcomes(errors=2)  # the fixture fails: each test that needs the model errors, one line each
+    result.stdout.fnmatch_lines(["*slmdeploy: * the weights lack 24 tensors * model.layers.{2, 3}.*; fix config.json*"])
+    assert "Traceback" not in result.stdout.str()
+    assert not list((cache / "custom").glob("*")), "nothing may be installed"
+
+
+UNEXPECTED_FAULT = """
+import errno
+from pytest_slmdeploy import build, cache
+
+calls = []
+real_run_olive = build.run_olive
+
+def counted_run_olive(*args, **kwargs):
+    calls.append(1)
+    with open("olive-runs.txt", "a") as fh:
+        fh.write("run\\n")
+    return real_run_olive(*args, **kwargs)
+
+def full_disk(self, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+build.run_olive = counted_run_olive
+cache.ModelCache.publish = full_disk
+"""
+
+
+def test_an_unexpected_fault_is_one_clear_failure_and_one_build(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    pytester.makeconftest(UNEXPECTED_FAULT)
+    pytester.makepyfile("\n".join(f"def test_{i}(slm_model):\n    pass\n" for i in range(3)))
+    cache = pytester.path / "cache"
+    result = pytester.runpytest_subprocess("--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-no-suite")
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(["*slmdeploy: building faq-int4 failed: OSError: * No space left on device*"])
+    assert "Traceback" not in result.stdout.str()
+    assert (pytester.path / "olive-runs.txt").read_text().count("run") == 1, "the build is attempted once per session"
+    assert not list((cache / "custom").glob("*")), "nothing may be installed"

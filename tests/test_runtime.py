@@ -98,3 +98,20 @@ def test_foundry_local_gives_the_same_answers(
             assert got.new_tokens == ort_model.generate(question, max_new_tokens=48).new_tokens
     finally:
         foundry.close()
+
+
+def test_a_model_that_cannot_load_is_caught_before_install(warm_cache: Path, tmp_path: Path) -> None:
+    import json
+
+    from pytest_slmdeploy.errors import BuildError
+    from pytest_slmdeploy.runtime.probe import check_loads
+
+    entry = Path(shutil.copytree(warm_cache / "custom" / "faq-int4", tmp_path / "entry"))
+    assert check_loads(entry) > 0
+    config = json.loads((entry / "genai_config.json").read_text())
+    config["model"]["type"] = "bert"
+    (entry / "genai_config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        BuildError, match=r"does not load and generate in ONNX Runtime GenAI \(.*Unsupported model_type.*bert\)"
+    ):
+        check_loads(entry)

@@ -133,3 +133,42 @@ def test_a_damaged_stat_cache_only_costs_hashing(tmp_path: Path, monkeypatch: py
     for damaged in ("not json", "[1, 2]", '{"%s": {"stat": 5, "sha256": 7}}' % (folder / "config.json")):
         (stats / source.STAT_CACHE_NAME).write_text(damaged)
         assert fingerprint(folder, stat_cache_dir=stats) == first
+
+
+def _edit_config(model: Path, **changes: object) -> Path:
+    import json
+
+    config = json.loads((model / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_weights_match_their_architecture(tiny_model: Path) -> None:
+    source.check_weights_match(inspect_source(tiny_model))  # raises on any mismatch
+
+
+def test_missing_layers_are_named(model_copy: Path) -> None:
+    _edit_config(model_copy, num_hidden_layers=4, layer_types=None)  # an older config a user edited by hand
+    with pytest.raises(SourceError, match=re.escape("lack 24 tensors") + ".*" + re.escape("model.layers.{2, 3}.*")):
+        source.check_weights_match(inspect_source(model_copy))
+
+
+def test_a_config_transformers_refuses_is_one_line(model_copy: Path) -> None:
+    _edit_config(model_copy, num_hidden_layers=4)  # layer_types still lists 2 layers
+    with pytest.raises(SourceError, match=r"config.json does not describe a model .*num_hidden_layers. \(4\)") as info:
+        source.check_weights_match(inspect_source(model_copy))
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_shapes_and_wrong_model_type_are_named(model_copy: Path) -> None:
+    _edit_config(model_copy, intermediate_size=256)
+    with pytest.raises(SourceError, match=r"mlp.gate_proj.weight \[128, 64\] \(config.json needs \[256, 64\]\)"):
+        source.check_weights_match(inspect_source(model_copy))
+    _edit_config(model_copy, intermediate_size=128, model_type="bert")  # architectures still say Qwen2
+    with pytest.raises(SourceError, match=r"the weights lack \d+ tensors .*bert\.embeddings"):
+        source.check_weights_match(inspect_source(model_copy))
