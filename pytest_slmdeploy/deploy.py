@@ -21,7 +21,7 @@ from pytest_slmdeploy.foundry import inference_model_json
 from pytest_slmdeploy.measure import Stopwatch
 from pytest_slmdeploy.runtime.probe import check_loads
 from pytest_slmdeploy.settings import Settings
-from pytest_slmdeploy.source import SourceModel, check_weights_match, fingerprint, inspect_source
+from pytest_slmdeploy.source import SourceModel, check_tokenizer, check_weights_match, fingerprint, inspect_source
 
 Progress = Callable[[str], None]
 RecipeHook = Callable[[dict[str, Any]], dict[str, Any]]
@@ -166,7 +166,8 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
             notes.append(f"rebuilt {name}: {state.reason}")
             progress(f"rebuilding {name!r}: {state.reason}")
         cache.clean_stale_staging()
-        progress("checking the weights against config.json")
+        progress("checking the tokenizer, and the weights against config.json")
+        check_tokenizer(source)
         check_weights_match(source, trust_remote_code=settings.trust_remote_code)
         with cache.staging(name) as staging:  # removed on the way out, built or not
             log_path = cache.logs_dir / f"{name}.build.log"  # kept after a failure: errors point to it

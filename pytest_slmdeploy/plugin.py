@@ -96,10 +96,17 @@ def _value(config: pytest.Config, key: str) -> object | None:
     value: object | None = config.getoption(key, None)
     if value is not None:
         is_path = key in ("slm_model", "slm_cache", "slm_report", "slm_bench_history", "slm_bench_export")
+        if is_path and not str(value).strip():
+            return ""  # refused by the settings, never taken as the current folder
         if is_path or (key == "slm_chat_template" and value not in ("auto", "chatml")):
             return str(config.invocation_params.dir / Path(str(value)).expanduser())
         return value
-    ini = config.getini(key)  # None when unset (default=None), so "not set" differs from "false"
+    try:
+        ini = config.getini(key)  # None when unset (default=None), so "not set" differs from "false"
+    except (ValueError, pytest.UsageError) as exc:  # pytest's own bool parsing: its message does not name the key
+        from pytest_slmdeploy.errors import SettingsError
+
+        raise SettingsError(f"{key}: {exc}: use true or false") from None
     return None if ini in ("", None) else ini
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -70,6 +71,43 @@ LIMITS: dict[str, tuple[float, str]] = {
     "benchmark_warmup": (2, "untimed generations before a benchmark"),
     "benchmark_new_tokens": (32, "answer length of a benchmark generation (fixed: the end token is ignored)"),
 }
+
+
+# Ranges that keep a limit meaningful: (lowest, highest, whole number, why). A limit outside its range
+# would make its check vacuous (a soak of 0 generations shows no trend) or impossible (a stop rate of 2).
+_INF = float("inf")
+LIMIT_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "format_min_stop_rate": (0, 1, False, "a share"),
+    "format_max_new_tokens": (1, _INF, True, "tokens"),
+    "memory_generations": (10, _INF, True, "fewer cannot show a trend"),
+    "memory_warmup": (0, _INF, True, "generations"),
+    "memory_seconds": (1, _INF, False, "seconds"),
+    "memory_load_cycles": (3, _INF, True, "fewer cannot show a trend"),
+    "lengths_points": (2, _INF, True, "one length compares nothing"),
+    "lengths_max_tokens": (16, _INF, True, "the sweep starts at 16 tokens"),
+    "lengths_decode_band": (0, 0.99, False, "a share of the speed"),
+    "lengths_new_tokens": (2, _INF, True, "decode speed needs two tokens"),
+    "lengths_min_rounds": (3, _INF, True, "fewer rounds cannot show a spread"),
+    "lengths_max_rounds": (3, _INF, True, "rounds"),
+    "lengths_seconds": (1, _INF, False, "seconds"),
+    "edge_examples": (1, _INF, True, "examples"),
+    "benchmark_rounds": (1, _INF, True, "rounds"),
+    "benchmark_warmup": (0, _INF, True, "rounds"),
+    "benchmark_new_tokens": (2, _INF, True, "decode speed needs two tokens"),
+}
+
+
+def check_limit(key: str, value: float) -> float:
+    """``value`` if it is a finite number in the limit's range, else :class:`SettingsError` naming the range."""
+    name = f"slm_{key}"
+    if not math.isfinite(value):
+        raise SettingsError(f"{name} = {value} must be a finite number")
+    low, high, whole, why = LIMIT_RANGES.get(key, (0, _INF, False, ""))
+    if not low <= value <= high or (whole and value != int(value)):
+        kind = "a whole number" if whole else "a number"
+        span = f"at least {low:g}" if high == _INF else f"from {low:g} to {high:g}"
+        raise SettingsError(f"{name} = {value:g} is out of range: use {kind} {span}" + (f" ({why})" if why else ""))
+    return value
 
 
 @dataclass(frozen=True)
@@ -147,17 +185,20 @@ def resolve_settings(
         candidate = Path(str(value)).expanduser()
         return candidate if candidate.is_absolute() else (ini_dir / candidate)
 
+    for key in ("slm_model", "slm_cache", "slm_report", "slm_bench_history", "slm_bench_export"):
+        if get(key) is not None and not str(get(key)).strip():  # "" on the command line: never the current folder
+            raise SettingsError(f"{key} is empty: give a path, or leave the option out for the default")
     model = path("slm_model")
     precision = _choice("slm_precision", text("slm_precision", "int4").lower(), PRECISIONS)
     name_value = get("slm_name")
-    name = check_model_name(str(name_value).strip()) if name_value not in (None, "") else None
+    name = check_model_name(str(name_value).strip()) if name_value is not None else None
     timeout_text = text("slm_lock_timeout", "1800")
     try:
         lock_timeout = float(timeout_text)
     except ValueError:
         raise SettingsError(f"slm_lock_timeout = {timeout_text!r} is not a number of seconds") from None
-    if lock_timeout < 0:
-        raise SettingsError(f"slm_lock_timeout = {lock_timeout} must be 0 or more seconds")
+    if not math.isfinite(lock_timeout) or lock_timeout < 0:
+        raise SettingsError(f"slm_lock_timeout = {timeout_text} must be a finite number of seconds, 0 or more")
     chat_template = text("slm_chat_template", "auto")
     if chat_template not in CHAT_TEMPLATE_BUILTINS:
         template_path = path("slm_chat_template")
@@ -183,8 +224,20 @@ def resolve_settings(
         bench_baseline=text("slm_bench_baseline", "") or None,
         bench_gates=tuple(_gates(get("slm_bench_gate"))),
         bench_export=path("slm_bench_export"),
-        limits={key: _number(f"slm_{key}", get(f"slm_{key}"), default) for key, (default, _) in LIMITS.items()},
+        limits=_limits(get),
     )
+
+
+def _limits(get: Callable[[str], object | None]) -> dict[str, float]:
+    limits = {
+        key: check_limit(key, _number(f"slm_{key}", get(f"slm_{key}"), default)) for key, (default, _) in LIMITS.items()
+    }
+    if limits["lengths_max_rounds"] < limits["lengths_min_rounds"]:
+        raise SettingsError(
+            f"slm_lengths_max_rounds = {limits['lengths_max_rounds']:g} is below slm_lengths_min_rounds = "
+            f"{limits['lengths_min_rounds']:g}: raise it or lower the minimum"
+        )
+    return limits
 
 
 def _gates(value: object | None) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -54,7 +55,7 @@ class SourceModel:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in iter_files(self.path))
+        return sum(f.stat().st_size for f in build_inputs(self.path))
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -71,7 +72,13 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def _check_safetensors(path: Path) -> dict[str, Any]:
     """A safetensors file's header says how long its data is: a shorter file was truncated. Returns the header."""
-    size = path.stat().st_size
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise SourceError(f"weights file {path} cannot be read ({exc.strerror}): copy the model again") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SourceError(f"weights file {path} is not a regular file (a pipe, socket or folder): copy the model again")
+    size = info.st_size
     try:
         with path.open("rb") as fh:
             (header_len,) = struct.unpack("<Q", fh.read(8))
@@ -79,6 +86,8 @@ def _check_safetensors(path: Path) -> dict[str, Any]:
                 raise ValueError("header longer than file")
             header: dict[str, Any] = json.loads(fh.read(header_len))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as exc:
+        raise SourceError(f"weights file {path} cannot be read ({exc.strerror}): copy the model again") from None
     except (struct.error, ValueError, KeyError, TypeError):
         raise SourceError(
             f"weights file {path} is damaged or not safetensors: re-save the model with "
@@ -153,6 +162,20 @@ def _grouped(names: list[str], limit: int = 6) -> str:
     return ", ".join(shown) + (f" and {len(others) - limit} more" if len(others) > limit else "")
 
 
+def check_tokenizer(source: SourceModel) -> None:
+    """Load ``tokenizer.json`` as the runtimes will; a damaged one is named here, not deep inside Olive."""
+    path = source.path / "tokenizer.json"
+    if not path.is_file():
+        return  # a SentencePiece tokenizer.model: transformers converts it during the build
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception subclass with the parser's text
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise SourceError(f"{path} cannot be loaded as a tokenizer ({first}): save the tokenizer again") from None
+
+
 def check_weights_match(source: SourceModel, *, trust_remote_code: bool = False) -> None:
     """Fail, naming the tensors, when the weights lack what config.json's architecture needs or differ in shape.
 
@@ -206,7 +229,10 @@ def _weight_files(path: Path) -> tuple[str, ...]:
 def _chat_template(path: Path, tokenizer_config: dict[str, Any]) -> str | None:
     jinja = path / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{jinja} cannot be read ({exc}): fix or remove the chat template file") from None
     template = tokenizer_config.get("chat_template")
     if template is None and (path / "chat_template.json").is_file():
         template = _read_json(path / "chat_template.json", "the chat template").get("chat_template")
@@ -271,6 +297,33 @@ def iter_files(folder: Path) -> Iterator[Path]:
         dirs[:] = sorted(d for d in dirs if d not in _IGNORED_PARTS)
         for name in sorted(files):
             yield Path(root) / name
+
+
+# What the build reads (Olive's HfModel, transformers, the tokenizer and chat template); a case file,
+# a README or a picture in the model folder changes nothing that is built, so it does not count.
+_BUILD_SUFFIXES = frozenset({".json", ".safetensors", ".model", ".jinja", ".tiktoken", ".py"})
+_BUILD_NAMES = frozenset({"merges.txt", "vocab.txt"})
+
+
+def is_build_input(relative: Path) -> bool:
+    """Whether a file of the model folder is read by the build (and so belongs in the fingerprint)."""
+    if relative.name.startswith("slm_cases"):
+        return False
+    return relative.suffix in _BUILD_SUFFIXES or relative.name in _BUILD_NAMES
+
+
+def build_inputs(folder: Path) -> Iterator[Path]:
+    """The files the build reads, in a stable order; a FIFO or device among them is an error, not a hang."""
+    for file in iter_files(folder):
+        if not is_build_input(file.relative_to(folder)):
+            continue
+        try:
+            mode = file.stat().st_mode
+        except OSError as exc:
+            raise SourceError(f"{file} cannot be read ({exc.strerror}): fix or remove it") from None
+        if not stat.S_ISREG(mode):
+            raise SourceError(f"{file} is not a regular file (a pipe, socket or device): replace it with the file")
+        yield file
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -342,13 +395,18 @@ class HashCache:
 
 
 def fingerprint(folder: Path, *, stat_cache_dir: Path | None = None) -> str:
-    """A content hash of the folder; file hashes are reused while a file's stat stamp is unchanged.
+    """A content hash of what the build reads in the folder; file hashes are reused while a file's stat stamp
+    is unchanged.
 
     The reuse makes a warm run cost one ``stat`` per file; a changed file is hashed again.
     """
     hashes = HashCache(stat_cache_dir / STAT_CACHE_NAME if stat_cache_dir else None)
     total = hashlib.sha256()
-    for file in iter_files(folder):
-        total.update(f"{file.relative_to(folder).as_posix()}\0{hashes.sha256(file)}\n".encode())
+    for file in build_inputs(folder):
+        try:
+            digest = hashes.sha256(file)
+        except OSError as exc:
+            raise SourceError(f"{file} cannot be read ({exc.strerror}): fix its permissions or copy it again") from None
+        total.update(f"{file.relative_to(folder).as_posix()}\0{digest}\n".encode())
     hashes.save()
     return total.hexdigest()

@@ -62,6 +62,18 @@ def _no_chat_template(model: Path) -> Path:
     return model
 
 
+def _fifo_weights(model: Path) -> Path:
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+    return model
+
+
+def _dangling_weights(model: Path) -> Path:
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").symlink_to(model / "gone.safetensors")
+    return model
+
+
 def _a_file(model: Path) -> Path:
     return model / "config.json"
 
@@ -88,6 +100,16 @@ CASES: list[tuple[str, Damage, str]] = [
     ("no-weights", _no_weights, "*has no weights*"),
     ("truncated", _truncated, "*model.safetensors is truncated*copy the model again*"),
     ("no-template", _no_chat_template, "*has no chat template*--slm-chat-template chatml*"),
+    (
+        "fifo-weights",
+        _fifo_weights,
+        "*weights file */model.safetensors is not a regular file (a pipe, socket or folder)*",
+    ),
+    (
+        "dangling-weights",
+        _dangling_weights,
+        "*weights file */model.safetensors cannot be read (No such file or directory)*",
+    ),
 ]
 
 
@@ -114,8 +136,35 @@ def test_bad_model_folder(pytester: pytest.Pytester, model_copy: Path, damage: D
         (["--slm-name", "../escape"], "*model name '../escape' is not allowed*"),
         (["--slm-name", "a/b"], "*model name 'a/b' is not allowed*"),
         (["--slm-lock-timeout", "soon"], "*slm_lock_timeout = 'soon' is not a number of seconds*"),
+        (["--slm-lock-timeout", "nan"], "*slm_lock_timeout = nan must be a finite number of seconds, 0 or more*"),
+        (["--slm-cache", ""], "*slm_cache is empty: give a path, or leave the option out for the default*"),
+        (["--slm-name", ""], "*model name '' is not allowed*"),
+        (
+            ["-o", "slm_memory_generations=0"],
+            "*slm_memory_generations = 0 is out of range: use a whole number at least 10*",
+        ),
+        (
+            ["-o", "slm_format_min_stop_rate=2"],
+            "*slm_format_min_stop_rate = 2 is out of range: use a number from 0 to 1*",
+        ),
+        (["-o", "slm_lengths_decode_band=nan"], "*slm_lengths_decode_band = nan must be a finite number*"),
+        (["-o", "slm_lengths_max_rounds=4"], "*slm_lengths_max_rounds = 4 is below slm_lengths_min_rounds = 5*"),
+        (["-o", "slm_rebuild=maybe"], "*slm_rebuild: invalid truth value 'maybe': use true or false*"),
     ],
-    ids=["fp16", "dotdot-name", "slash-name", "bad-timeout"],
+    ids=[
+        "fp16",
+        "dotdot-name",
+        "slash-name",
+        "bad-timeout",
+        "nan-timeout",
+        "empty-cache",
+        "empty-name",
+        "vacuous-soak",
+        "impossible-rate",
+        "nan-limit",
+        "rounds-below-minimum",
+        "maybe-bool",
+    ],
 )
 def test_bad_options(pytester: pytest.Pytester, tiny_model: Path, args: list[str], pattern: str) -> None:
     cache = pytester.path / "cache"

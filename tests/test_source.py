@@ -172,3 +172,20 @@ def test_wrong_shapes_and_wrong_model_type_are_named(model_copy: Path) -> None:
     _edit_config(model_copy, intermediate_size=128, model_type="bert")  # architectures still say Qwen2
     with pytest.raises(SourceError, match=r"the weights lack \d+ tensors .*bert\.embeddings"):
         source.check_weights_match(inspect_source(model_copy))
+
+
+def test_only_what_the_build_reads_is_fingerprinted(model_copy: Path) -> None:
+    before = fingerprint(model_copy)
+    (model_copy / "README.md").write_text("# our fine-tune\n")
+    (model_copy / "slm_cases.yaml").write_text("cases: []\n")
+    (model_copy / "loss.png").write_bytes(b"\x89PNG")
+    assert fingerprint(model_copy) == before
+    (model_copy / "generation_config.json").write_text('{"temperature": 0.2}')
+    assert fingerprint(model_copy) != before
+
+
+def test_a_damaged_tokenizer_is_named_before_the_build(model_copy: Path) -> None:
+    source.check_tokenizer(inspect_source(model_copy))
+    (model_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}')
+    with pytest.raises(SourceError, match=r"tokenizer.json cannot be loaded as a tokenizer \(.*\): save the tokenizer"):
+        source.check_tokenizer(inspect_source(model_copy))
