@@ -11,6 +11,7 @@ import copy
 import gc
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -112,16 +113,58 @@ class _Records(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
-    def reason(self) -> str:
-        messages = [r.getMessage().strip().splitlines()[0] for r in self.records if r.getMessage().strip()]
-        errors = [r.getMessage().strip().splitlines()[0] for r in self.records if r.levelno >= logging.ERROR]
+    def reason(self, log_path: Path | None = None) -> str:
+        """Olive's own reason: the exception under its last error ("Pass run failed." says nothing), else the
+        last exception line in the log, else its last error or warning."""
+        errors = [r for r in self.records if r.levelno >= logging.ERROR]
+        for record in reversed(errors):
+            cause = _innermost(record.exc_info[1]) if record.exc_info else None
+            if cause is not None:
+                return f"{_first_line(record.getMessage())} {_describe(cause)}"
+        raised = _last_exception_line(log_path) if log_path is not None else None
         if errors:
-            return errors[-1]
+            return (
+                f"{_first_line(errors[-1].getMessage())} {raised}" if raised else _first_line(errors[-1].getMessage())
+            )
+        if raised:
+            return raised
+        messages = [_first_line(r.getMessage()) for r in self.records if r.getMessage().strip()]
         for i, message in enumerate(messages):
             if "Invalid config" in message and i > 0:
                 return messages[i - 1]
         warnings = [r.getMessage().strip() for r in self.records if r.levelno == logging.WARNING]
         return warnings[0] if warnings else "no output model produced"
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _innermost(exc: BaseException | None) -> BaseException | None:
+    while exc is not None and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = _first_line(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
+
+
+def _last_exception_line(log_path: Path) -> str | None:
+    """The last ``SomeError: message`` line of a traceback in the build log."""
+    try:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match:
+            return f"{match.group(1)}: {match.group(2)}"
+    return None
 
 
 @contextlib.contextmanager
@@ -244,7 +287,7 @@ def run_olive(
     missing = [name for name in REQUIRED_OUTPUTS if not (output_dir / name).is_file()]
     if not produced or missing:
         raise BuildError(
-            f"Olive produced no model ({handler.reason()}); missing {', '.join(missing) or 'output model'} "
+            f"Olive produced no model ({handler.reason(log_path)}); missing {', '.join(missing) or 'output model'} "
             f"(full log: {log_path})"
         )
     for name in _OLIVE_BOOKKEEPING:

@@ -49,6 +49,17 @@ def test_olive_reason_reaches_the_error(tiny_model: Path, tmp_path: Path) -> Non
     assert (tmp_path / "build.log").stat().st_size > 0
 
 
+def test_a_failed_pass_names_its_cause(model_copy: Path, tmp_path: Path) -> None:
+    config = json.loads((model_copy / "config.json").read_text())
+    config["hidden_act"] = "nope_act"  # the builder fails inside the pass; Olive logs only "Pass run failed."
+    (model_copy / "config.json").write_text(json.dumps(config))
+    recipe = build.olive_config(inspect_source(model_copy), "int4")
+    with pytest.raises(BuildError) as info:
+        build.run_olive(recipe, tmp_path / "out", tmp_path / "work", log_path=tmp_path / "build.log")
+    assert "Pass run failed. KeyError: 'nope_act'" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_run_olive_leaves_the_recipe_alone(tiny_model: Path, tmp_path: Path) -> None:
     recipe = build.olive_config(inspect_source(tiny_model), "int4")
     before = copy.deepcopy(recipe)
