@@ -129,43 +129,45 @@ def test_bad_model_folder(pytester: pytest.Pytester, model_copy: Path, damage: D
     _assert_one_line_error(result, pattern, cache)
 
 
-@pytest.mark.parametrize(
-    ("args", "pattern"),
-    [
-        (["--slm-precision", "fp16"], "*precision fp16 is refused by the CPU execution provider*int4, int8 or fp32*"),
-        (["--slm-name", "../escape"], "*model name '../escape' is not allowed*"),
-        (["--slm-name", "a/b"], "*model name 'a/b' is not allowed*"),
-        (["--slm-lock-timeout", "soon"], "*slm_lock_timeout = 'soon' is not a number of seconds*"),
-        (["--slm-lock-timeout", "nan"], "*slm_lock_timeout = nan must be a finite number of seconds, 0 or more*"),
-        (["--slm-cache", ""], "*slm_cache is empty: give a path, or leave the option out for the default*"),
-        (["--slm-name", ""], "*model name '' is not allowed*"),
-        (
-            ["-o", "slm_memory_generations=0"],
-            "*slm_memory_generations = 0 is out of range: use a whole number at least 10*",
-        ),
-        (
-            ["-o", "slm_format_min_stop_rate=2"],
-            "*slm_format_min_stop_rate = 2 is out of range: use a number from 0 to 1*",
-        ),
-        (["-o", "slm_lengths_decode_band=nan"], "*slm_lengths_decode_band = nan must be a finite number*"),
-        (["-o", "slm_lengths_max_rounds=4"], "*slm_lengths_max_rounds = 4 is below slm_lengths_min_rounds = 5*"),
-        (["-o", "slm_rebuild=maybe"], "*slm_rebuild: invalid truth value 'maybe': use true or false*"),
-    ],
-    ids=[
+# (id, arguments, the one-line error): each a case of test_bad_options and a row of the docs' matrix.
+BAD_OPTIONS: list[tuple[str, list[str], str]] = [
+    (
         "fp16",
-        "dotdot-name",
-        "slash-name",
-        "bad-timeout",
+        ["--slm-precision", "fp16"],
+        "*precision fp16 is refused by the CPU execution provider*int4, int8 or fp32*",
+    ),
+    ("dotdot-name", ["--slm-name", "../escape"], "*model name '../escape' is not allowed*"),
+    ("slash-name", ["--slm-name", "a/b"], "*model name 'a/b' is not allowed*"),
+    ("empty-name", ["--slm-name", ""], "*model name '' is not allowed*"),
+    ("empty-cache", ["--slm-cache", ""], "*slm_cache is empty: give a path, or leave the option out for the default*"),
+    ("bad-timeout", ["--slm-lock-timeout", "soon"], "*slm_lock_timeout = 'soon' is not a number of seconds*"),
+    (
         "nan-timeout",
-        "empty-cache",
-        "empty-name",
+        ["--slm-lock-timeout", "nan"],
+        "*slm_lock_timeout = nan must be a finite number of seconds, 0 or more*",
+    ),
+    (
         "vacuous-soak",
+        ["-o", "slm_memory_generations=0"],
+        "*slm_memory_generations = 0 is out of range: use a whole number at least 10*",
+    ),
+    (
         "impossible-rate",
-        "nan-limit",
+        ["-o", "slm_format_min_stop_rate=2"],
+        "*slm_format_min_stop_rate = 2 is out of range: use a number from 0 to 1*",
+    ),
+    ("nan-limit", ["-o", "slm_lengths_decode_band=nan"], "*slm_lengths_decode_band = nan must be a finite number*"),
+    (
         "rounds-below-minimum",
-        "maybe-bool",
-    ],
-)
+        ["-o", "slm_lengths_max_rounds=4"],
+        "*slm_lengths_max_rounds = 4 is below slm_lengths_min_rounds = 5*",
+    ),
+    ("maybe-bool", ["-o", "slm_rebuild=maybe"], "*slm_rebuild: invalid truth value 'maybe': use true or false*"),
+    ("int3-ini", ["-o", "slm_precision=int3"], "*slm_precision = 'int3' is not one of int4, int8, fp32, fp16*"),
+]
+
+
+@pytest.mark.parametrize(("args", "pattern"), [(a, p) for _, a, p in BAD_OPTIONS], ids=[c[0] for c in BAD_OPTIONS])
 def test_bad_options(pytester: pytest.Pytester, tiny_model: Path, args: list[str], pattern: str) -> None:
     cache = pytester.path / "cache"
     result = pytester.runpytest("--slm-model", str(tiny_model), "--slm-cache", str(cache), *args)
@@ -262,6 +264,10 @@ def test_changed_entry_is_rebuilt_and_reported(pytester: pytest.Pytester, tiny_m
     result.stdout.fnmatch_lines(["*will build (model.onnx changed since install)*", "*note: rebuilt faq-int4*"])
 
 
+MISSING_WEIGHTS = "*slmdeploy: * the weights lack 24 tensors * model.layers.{2, 3}.*; fix config.json*"
+DISK_FULL = "*slmdeploy: building faq-int4 failed: OSError: * No space left on device*"
+
+
 def test_missing_weights_fail_the_build_with_their_names(pytester: pytest.Pytester, model_copy: Path) -> None:
     config = json.loads((model_copy / "config.json").read_text())
     config["num_hidden_layers"] = 4
@@ -271,7 +277,7 @@ def test_missing_weights_fail_the_build_with_their_names(pytester: pytest.Pytest
     pytester.makepyfile("def test_a(slm_model):\n    pass\n\ndef test_b(slm_model):\n    pass\n")
     result = pytester.runpytest_subprocess("--slm-model", str(model_copy), "--slm-cache", str(cache), "--slm-no-suite")
     result.assert_outcomes(errors=2)  # the fixture fails: each test that needs the model errors, one line each
-    result.stdout.fnmatch_lines(["*slmdeploy: * the weights lack 24 tensors * model.layers.{2, 3}.*; fix config.json*"])
+    result.stdout.fnmatch_lines([MISSING_WEIGHTS])
     assert "Traceback" not in result.stdout.str()
     assert not list((cache / "custom").glob("*")), "nothing may be installed"
 
@@ -303,7 +309,56 @@ def test_an_unexpected_fault_is_one_clear_failure_and_one_build(pytester: pytest
     cache = pytester.path / "cache"
     result = pytester.runpytest_subprocess("--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-no-suite")
     result.assert_outcomes(errors=3)
-    result.stdout.fnmatch_lines(["*slmdeploy: building faq-int4 failed: OSError: * No space left on device*"])
+    result.stdout.fnmatch_lines([DISK_FULL])
     assert "Traceback" not in result.stdout.str()
     assert (pytester.path / "olive-runs.txt").read_text().count("run") == 1, "the build is attempted once per session"
     assert not list((cache / "custom").glob("*")), "nothing may be installed"
+
+
+# -- the bad-input matrix of docs/troubleshooting.md, generated from the cases above ------------------
+FOLDER_INPUTS = {
+    "missing": "a model path that does not exist",
+    "a-file": "a file instead of the model folder",
+    "empty": "an empty folder",
+    "no-config": "no config.json",
+    "corrupt-config": "config.json that is not JSON",
+    "unsupported": "an architecture ModelBuilder cannot convert",
+    "remote-code": "a model with its own code (auto_map), not trusted",
+    "no-tokenizer": "no tokenizer",
+    "no-weights": "no weights",
+    "truncated": "truncated model.safetensors",
+    "no-template": "no chat template",
+    "fifo-weights": "a FIFO in place of the weights",
+    "dangling-weights": "a dangling symlink in place of the weights",
+}
+BUILD_INPUTS = [  # (input, message, exit code): build-time faults, reported by every test that needs the model
+    ("config.json claims 4 layers, the weights hold 2", MISSING_WEIGHTS),
+    ("the disk fills up while installing (ENOSPC)", DISK_FULL),
+]
+MATRIX_START, MATRIX_END = "<!-- bad-input-matrix:start -->", "<!-- bad-input-matrix:end -->"
+
+
+def _message(pattern: str) -> str:
+    return pattern.replace("*slmdeploy: ", "").strip("*").strip().replace("|", "\\|")
+
+
+def _shell(args: list[str]) -> str:
+    return " ".join(arg or "''" for arg in args)
+
+
+def bad_input_matrix() -> str:
+    """The table: input, message, exit code (4: usage error before anything runs; 1: tests fail)."""
+    rows = ["| input | message (`*` stands for what varies) | exit code |", "|---|---|---|"]
+    rows += [f"| {FOLDER_INPUTS[i]} | `{_message(p)}` | 4 |" for i, _, p in CASES]
+    rows += [f"| `{_shell(args)}` | `{_message(p)}` | 4 |" for _, args, p in BAD_OPTIONS]
+    rows += [f"| {what} | `{_message(p)}` | 1 |" for what, p in BUILD_INPUTS]
+    return "\n".join(rows) + "\n"
+
+
+def test_the_docs_matrix_is_generated_from_these_cases() -> None:
+    docs = (Path(__file__).parents[1] / "docs" / "troubleshooting.md").read_text()
+    assert MATRIX_START in docs
+    assert MATRIX_END in docs
+    shown = docs.split(MATRIX_START)[1].split(MATRIX_END)[0].strip()
+    assert shown == bad_input_matrix().strip(), "regenerate it: .venv/bin/python scripts/bad_input_matrix.py"
+    assert set(FOLDER_INPUTS) == {case[0] for case in CASES}
