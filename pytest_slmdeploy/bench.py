@@ -228,6 +228,11 @@ class Gate:
         except ValueError:
             raise SettingsError(f"benchmark gate {text!r}: {limit!r} is not a percentage") from None
 
+    @property
+    def limit(self) -> str:
+        """The limit with the sign of the metric's bad direction: ``-15%``, ``+25%``."""
+        return f"{'-' if METRICS[self.metric][1] else '+'}{self.percent:g}%"
+
     def check(self, value: float, baseline: float) -> str | None:
         """None if within the limit, else a message naming metric, baseline, value and limit."""
         if not baseline:
@@ -238,18 +243,20 @@ class Gate:
         if worse <= self.percent:
             return None
         direction = "dropped" if bigger_is_better else "grew"
-        sign = "-" if bigger_is_better else "+"
         return (
             f"{self.metric} {direction} {abs(change):.1f}%: {value:g} {unit} vs baseline {baseline:g} {unit} "
-            f"(limit {sign}{self.percent:g}%)"
+            f"(limit {self.limit})"
         )
+
+
+def _when(record: RunRecord) -> str:
+    commit = f" @ {record.commit[:8]}" if record.commit else ""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)) + commit
 
 
 def evaluate_gates(gates: Iterable[Gate], current: Mapping[str, float], baseline: RunRecord) -> list[str]:
     """One message per gate that fails, or that cannot be evaluated because its metric is missing."""
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(baseline.created_at))
-    commit = f" @ {baseline.commit[:8]}" if baseline.commit else ""
-    of_baseline = f"baseline run {baseline.name!r} of {when}{commit}"
+    of_baseline = f"baseline run {baseline.name!r} of {_when(baseline)}"
     failures = []
     for gate in gates:
         missing = [
@@ -258,9 +265,8 @@ def evaluate_gates(gates: Iterable[Gate], current: Mapping[str, float], baseline
             if gate.metric not in metrics
         ]
         if missing:  # a gate that was never checked must not read as a gate that passed
-            sign = "-" if METRICS[gate.metric][1] else "+"
             failures.append(
-                f"gate {gate.metric}:{sign}{gate.percent:g}% cannot be evaluated: "
+                f"gate {gate.metric}:{gate.limit} cannot be evaluated: "
                 f"{gate.metric} is missing from {' and from '.join(missing)}"
             )
             continue
@@ -268,6 +274,16 @@ def evaluate_gates(gates: Iterable[Gate], current: Mapping[str, float], baseline
         if message:
             failures.append(f"{message}; {of_baseline}")
     return failures
+
+
+def gates_passed_line(gates: Iterable[Gate], current: Mapping[str, float], baseline: RunRecord) -> str:
+    """One line with every gate's change, for gates that all passed (so a pass shows what it checked)."""
+    changes = []
+    for gate in gates:
+        before, now = baseline.metrics[gate.metric], current[gate.metric]
+        change = f"{100 * (now - before) / before:+.1f}%" if before else "n/a (baseline 0)"
+        changes.append(f"{gate.metric} {change} (limit {gate.limit})")
+    return f"benchmark gates passed against {baseline.name!r} ({_when(baseline)}): {', '.join(changes)}"
 
 
 # -- export and tables ---------------------------------------------------------------------------

@@ -62,12 +62,35 @@ class FamilyResult:
         return "pass" if self.passed else "skipped"
 
 
+@dataclass(frozen=True)
+class GateResult:
+    """The benchmark gates' verdict: ``passed`` (its figures), ``failed`` (the reasons) or ``bootstrap``
+    (no baseline yet; this run can become it)."""
+
+    status: str
+    summary: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "summary": self.summary, "reasons": list(self.reasons)}
+
+    def to_markdown(self) -> list[str]:
+        if self.failed:
+            return [f"❌ **{self.summary}**", "", *[f"- {reason}" for reason in self.reasons]]
+        return [f"{'✅' if self.status == 'passed' else '🆕'} {self.summary}"]
+
+
 @dataclass
 class RunReport:
     """Everything the checklist table, the JSON report and the Markdown summary show."""
 
     model: dict[str, Any] = field(default_factory=dict)
     families: dict[str, FamilyResult] = field(default_factory=dict)
+    gates: GateResult | None = None
 
     def record(self, nodeid: str, when: str, outcome: str, user_properties: Iterable[tuple[str, Any]]) -> None:
         """Count one test report (call phase, or a failed/skipped setup) into its family."""
@@ -92,7 +115,7 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        return not any(r.failed for r in self.families.values())
+        return not any(r.failed for r in self.families.values()) and not (self.gates and self.gates.failed)
 
     def ordered(self) -> list[FamilyResult]:
         return [self.families[f] for f in FAMILIES if f in self.families]
@@ -115,6 +138,7 @@ class RunReport:
                 }
                 for r in self.ordered()
             ],
+            "gates": self.gates.to_json() if self.gates else None,
         }
 
     def write_json(self, path: str) -> None:
@@ -159,6 +183,8 @@ class RunReport:
         if undecided:
             lines += ["", "Timing verdicts this run's noise could not decide (not failures):", ""]
             lines += [f"- {line}" for line in undecided]
+        if self.gates is not None:
+            lines += ["", *self.gates.to_markdown()]
         details = ", ".join(f"{k}: {v}" for k, v in self.model.items() if k != "name")
         if details:
             lines += ["", details]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Generator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ from pytest_slmdeploy.bench import DEFAULT_GATES, Gate, metrics_of
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import BuildError, SlmDeployError
-from pytest_slmdeploy.report import FAMILY_PROPERTY, FamilyResult, RunReport, family_of
+from pytest_slmdeploy.report import FAMILY_PROPERTY, FamilyResult, GateResult, RunReport, family_of
 from pytest_slmdeploy.settings import Settings
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
 NO_MODEL = "no model to test: pass --slm-model PATH or set slm_model in [tool.pytest.ini_options]"
+GATE_ITEM_ID = "slmdeploy::benchmark_gates"
 
 
 def _version(package: str) -> str:
@@ -52,7 +54,8 @@ class SlmDeploySession:
         self._foundry: Any = None
         self.report = RunReport()
         self.bench_metrics: dict[str, float] = {}
-        self.bench_failures: list[str] = []
+        self.gate_result: GateResult | None = None
+        self.gate_item_collected = self.gate_item_ran = False
         self.bench_saved: Path | None = None
         self.gates: list[Gate] = []
 
@@ -169,11 +172,24 @@ class SlmDeploySession:
             if family is not None:
                 item.user_properties.append((FAMILY_PROPERTY, family))
 
+    @pytest.hookimpl(wrapper=True, specname="pytest_collection_modifyitems")
+    def pytest_collection_modifyitems_gates(
+        self, session: pytest.Session, items: list[pytest.Item]
+    ) -> Generator[None, None, None]:
+        """With a baseline, the gate item goes last, after every plugin has selected and ordered the items
+        (so it runs after the benchmarks, and -k/-m cannot leave it out). Not on xdist workers: a worker sees
+        only its own benchmarks, so the controller judges the gates at the end (:meth:`_finish_benchmarks`)."""
+        yield
+        if self._plan is not None and self.settings.bench_baseline and not hasattr(self.config, "workerinput"):
+            items.extend(session.genitems(BenchmarkGates.from_parent(session, name="slmdeploy", slm=self)))
+            self.gate_item_collected = True
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.report.record(report.nodeid, report.when, report.outcome, report.user_properties)
         if report.when == "call" and report.passed:
             self.bench_metrics.update(metrics_of(report.user_properties))
 
+    @pytest.hookimpl(tryfirst=True)  # a gate reported here must reach JUnit before it writes its file
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self._plan is None or hasattr(self.config, "workerinput"):  # the controller writes the reports
             return
@@ -189,24 +205,18 @@ class SlmDeploySession:
                 fh.write(self.report.to_markdown())
 
     def _finish_benchmarks(self, session: pytest.Session) -> None:
-        """Add model figures, gate against the baseline, save to the history, export."""
+        """Judge the gates (unless the gate item did), save the run to the history, export, report."""
         from pytest_slmdeploy import bench
 
         plan = self._plan
         assert plan is not None
-        metrics = dict(self.bench_metrics)
-        if not metrics:
-            # Only reached with a baseline given: a gate with nothing to compare must fail, not pass in silence.
-            self.bench_failures.append(
-                f"--slm-bench-baseline {self.settings.bench_baseline} given but no benchmark ran in this session "
-                "(selected out by -m/-k, skipped by --benchmark-skip, or failed)"
-            )
-        else:
-            manifest = plan.state().manifest
-            if manifest is not None:
-                metrics.update(manifest.figures())
-            if isinstance(self._deployment, Deployment) and self._deployment.cache_hit:
-                metrics["warm_start_s"] = round(self._deployment.stage_seconds, 4)
+        verdict = None
+        if self.settings.bench_baseline and not self.config.option.collectonly:
+            verdict = self.judge_gates()
+            if not self.gate_item_ran:  # xdist's controller, or a run stopped before the item (-x, --maxfail)
+                self._report_gates(session, verdict)
+        metrics = self._run_metrics()
+        if metrics:
             record = bench.RunRecord(
                 name=self.settings.bench_name or time.strftime("%Y-%m-%dT%H:%M:%S"),
                 model=plan.name,
@@ -215,18 +225,8 @@ class SlmDeploySession:
                 metrics=metrics,
                 commit=bench.git_commit(self.config.rootpath),
             )
-            history = bench.History(self.settings.bench_history or self.config.rootpath / ".slmdeploy" / "history")
-            if self.settings.bench_baseline:
-                baseline = history.baseline(plan.name, self.settings.bench_baseline)
-                if baseline is None:
-                    self.bench_failures.append(
-                        f"no baseline {self.settings.bench_baseline!r} for {plan.name} in {history.folder} "
-                        "(run once with --slm-bench-save, or pass a record file)"
-                    )
-                else:
-                    self.bench_failures += bench.evaluate_gates(self.gates, metrics, baseline)
-            if self.settings.bench_save:
-                self.bench_saved = history.append(record)
+            if self.settings.bench_save:  # after the gates: "last" is the run before this one
+                self.bench_saved = self._history().append(record)
             if self.settings.bench_export is not None:
                 self.settings.bench_export.parent.mkdir(parents=True, exist_ok=True)
                 exported = bench.github_action_benchmark(metrics, plan.name)
@@ -235,10 +235,87 @@ class SlmDeploySession:
         for key in ("ttft_ms", "peak_rss_mb"):
             if key in metrics:
                 result.figures[key] = metrics[key]
-        if self.bench_failures:
-            result.failed += len(self.bench_failures)
-            result.failures += [f"gate: {f}" for f in self.bench_failures]
+        self.report.gates = verdict  # the gate item itself counts in the benchmark row, as its report came in
+        if verdict is not None and verdict.failed:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _history(self) -> Any:
+        from pytest_slmdeploy import bench
+
+        return bench.History(self.settings.bench_history or self.config.rootpath / ".slmdeploy" / "history")
+
+    def _run_metrics(self) -> dict[str, float]:
+        """The benchmarks' metrics so far, with the build's figures and the warm start (empty if none ran)."""
+        metrics = dict(self.bench_metrics)
+        if metrics and self._plan is not None:
+            manifest = self._plan.state().manifest
+            if manifest is not None:
+                metrics.update(manifest.figures())
+            if isinstance(self._deployment, Deployment) and self._deployment.cache_hit:
+                metrics["warm_start_s"] = round(self._deployment.stage_seconds, 4)
+        return metrics
+
+    def judge_gates(self, *, by_item: bool = False) -> GateResult:
+        """The gates' verdict on the metrics recorded so far, judged once: by the gate item or at the end."""
+        self.gate_item_ran |= by_item
+        if self.gate_result is None:
+            self.gate_result = self._judge_gates()
+        return self.gate_result
+
+    def _judge_gates(self) -> GateResult:
+        from pytest_slmdeploy import bench
+
+        plan, which = self.plan, self.settings.bench_baseline
+        assert which is not None
+        if not self.bench_metrics:  # a gate with nothing to compare must fail, not pass in silence
+            return GateResult(
+                "failed",
+                "benchmark gates FAILED",
+                (
+                    f"--slm-bench-baseline {which} given but no benchmark ran in this session "
+                    "(selected out by -m/-k, skipped by --benchmark-skip, or failed)",
+                ),
+            )
+        history = self._history()
+        baseline = history.baseline(plan.name, which)
+        if baseline is None and which == "last":  # the first run: nothing to compare yet, and it says so
+            saved = "saved with --slm-bench-save" if self.settings.bench_save else "save it with --slm-bench-save"
+            return GateResult("bootstrap", f"no baseline yet for {plan.name}: this run becomes the baseline ({saved})")
+        if baseline is None:  # a NAME or FILE the user chose that is not there is a mistake, not a first run
+            return GateResult(
+                "failed",
+                "benchmark gates FAILED",
+                (
+                    f"no baseline {which!r} for {plan.name} in {history.folder} "
+                    "(run once with --slm-bench-save, or pass a record file)",
+                ),
+            )
+        metrics = self._run_metrics()
+        failures = bench.evaluate_gates(self.gates, metrics, baseline)
+        if failures:
+            return GateResult("failed", f"benchmark gates FAILED against {baseline.name!r}", tuple(failures))
+        return GateResult("passed", bench.gates_passed_line(self.gates, metrics, baseline))
+
+    def _report_gates(self, session: pytest.Session, verdict: GateResult) -> None:
+        """Report the verdict as the test ``slmdeploy::benchmark_gates`` when no gate item ran here."""
+        location = ("slmdeploy", None, GATE_ITEM_ID)
+        if not self.gate_item_collected:
+            session.testscollected += 1  # one more test of the run (the progress counts it)
+        hook = self.config.hook
+        hook.pytest_runtest_logstart(nodeid=GATE_ITEM_ID, location=location)
+        for when in ("setup", "call", "teardown"):
+            failed = when == "call" and verdict.failed
+            report = pytest.TestReport(
+                GATE_ITEM_ID,
+                location,
+                {},
+                "failed" if failed else "passed",
+                "\n".join(verdict.reasons) if failed else None,
+                when,
+                user_properties=[(FAMILY_PROPERTY, "benchmark")],
+            )
+            hook.pytest_runtest_logreport(report=report)
+        hook.pytest_runtest_logfinish(nodeid=GATE_ITEM_ID, location=location)
 
     def _model_facts(self) -> dict[str, Any]:
         plan = self._plan
@@ -268,8 +345,11 @@ class SlmDeploySession:
             terminalreporter.write_line(line, red=line.startswith("FAIL"), green=line.startswith("pass"))
         for line in self.report.inconclusive_lines():
             terminalreporter.write_line(f"inconclusive (not a failure): {line}", yellow=True)
-        for failure in self.bench_failures:
-            terminalreporter.write_line(f"benchmark gate FAILED: {failure}", red=True)
+        gates = self.report.gates
+        for reason in gates.reasons if gates else ():
+            terminalreporter.write_line(f"benchmark gate FAILED: {reason}", red=True)
+        if gates is not None and not gates.failed:
+            terminalreporter.write_line(gates.summary, green=gates.status == "passed", yellow=gates.status != "passed")
         if self.bench_saved is not None:
             terminalreporter.write_line(f"benchmark history: appended to {self.bench_saved}")
         if isinstance(self._deployment, SlmDeployError):
@@ -300,3 +380,40 @@ class SlmDeploySession:
             terminalreporter.write_line(
                 f"  Foundry Local: registered as {registration.model_id} (foundry-local-sdk {registration.sdk_version})"
             )
+
+
+class GateFailure(Exception):
+    """The benchmark gates failed: the message holds the reasons, one per line."""
+
+
+class BenchmarkGates(pytest.Collector):
+    """Collects the gate item (through a collector, so pytest counts it among the collected tests)."""
+
+    def __init__(self, *, slm: SlmDeploySession, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.slm = slm
+
+    def collect(self) -> list[pytest.Item]:
+        return [BenchmarkGatesItem.from_parent(self, name="benchmark_gates", nodeid=GATE_ITEM_ID, slm=self.slm)]
+
+
+class BenchmarkGatesItem(pytest.Item):
+    """``slmdeploy::benchmark_gates``: judges the gates on the metrics of the benchmarks that ran before it."""
+
+    def __init__(self, *, slm: SlmDeploySession, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.slm = slm
+        self.user_properties.append((FAMILY_PROPERTY, "benchmark"))
+
+    def runtest(self) -> None:
+        verdict = self.slm.judge_gates(by_item=True)
+        if verdict.failed:
+            raise GateFailure("\n".join(verdict.reasons))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, GateFailure):
+            return str(excinfo.value)  # the reasons, first line first: the short summary shows it
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, GATE_ITEM_ID

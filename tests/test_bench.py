@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from pytest_slmdeploy import bench
 from pytest_slmdeploy.errors import SettingsError
+from pytest_slmdeploy.report import GateResult, RunReport
 from pytest_slmdeploy.runtime import Generation
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -100,6 +102,42 @@ def test_a_gate_that_cannot_be_evaluated_fails() -> None:
     assert bench.evaluate_gates(gates[:1], {"decode_tps": 99.0}, baseline) == []
 
 
+def test_a_passed_gate_names_its_baseline_and_every_change() -> None:
+    baseline = bench.RunRecord("v1", "m", "f", "int4", {"decode_tps": 100.0, "ttft_ms": 10.0}, 1.0, "abcdef1234")
+    gates = [bench.Gate.parse(g) for g in ("decode_tps:15", "ttft_ms:+25%")]
+    assert [gate.limit for gate in gates] == ["-15%", "+25%"]  # the sign is the bad direction, whatever was typed
+    current = {"decode_tps": 98.8, "ttft_ms": 10.3}
+    assert bench.evaluate_gates(gates, current, baseline) == []
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(1.0))
+    assert bench.gates_passed_line(gates, current, baseline) == (
+        f"benchmark gates passed against 'v1' ({when} @ abcdef12): "
+        "decode_tps -1.2% (limit -15%), ttft_ms +3.0% (limit +25%)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("gates", "ok", "expected"),
+    [
+        (
+            GateResult(
+                "failed", "benchmark gates FAILED against 'v1'", ("decode_tps dropped 20.0%: x", "ttft_ms grew")
+            ),
+            False,
+            "❌ **benchmark gates FAILED against 'v1'**\n\n- decode_tps dropped 20.0%: x\n- ttft_ms grew\n",
+        ),
+        (GateResult("passed", "benchmark gates passed against 'v1' (...): decode_tps -1.2%"), True, "✅ benchmark"),
+        (GateResult("bootstrap", "no baseline yet for m: this run becomes the baseline"), True, "🆕 no baseline yet"),
+    ],
+    ids=["failed", "passed", "bootstrap"],
+)
+def test_the_step_summary_gives_the_gates_verdict(gates: GateResult, ok: bool, expected: str) -> None:
+    report = RunReport(model={"name": "m"}, gates=gates)
+    markdown = report.to_markdown()
+    assert markdown.startswith(f"### pytest-slmdeploy: m {'passed' if ok else 'FAILED'}")
+    assert f"\n{expected}" in markdown
+    assert report.to_json()["gates"] == {"status": gates.status, "summary": gates.summary, "reasons": [*gates.reasons]}
+
+
 def test_github_action_benchmark_export() -> None:
     exported = bench.github_action_benchmark({"decode_tps": 30.0, "ttft_ms": 190.0, "unknown": 1.0}, "m")
     assert exported["customBiggerIsBetter"] == [{"name": "m decode_tps", "unit": "tokens/s", "value": 30.0}]
@@ -124,7 +162,7 @@ def test_bandwidth_efficiency() -> None:
 
 
 def test_benchmarks_record_history_and_gate(
-    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, tmp_path: Path
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     history = tmp_path / "history"
     args = (
@@ -156,11 +194,106 @@ def test_benchmarks_record_history_and_gate(
 
     impossible = dict(record, metrics={**record["metrics"], "decode_tps": record["metrics"]["decode_tps"] * 10})
     (tmp_path / "fast.json").write_text(json.dumps(impossible))
-    gated = pytester.runpytest_subprocess(*args, "--slm-bench-baseline", str(tmp_path / "fast.json"))
+    summary = tmp_path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.setenv("CI", "true")  # as on GitHub: the short summary is not cut to the terminal's width
+    gated = pytester.runpytest_subprocess(
+        *args, "-v", f"--slm-bench-baseline={tmp_path / 'fast.json'}", "--junitxml", "junit.xml",
+    )  # fmt: skip
     assert gated.ret == pytest.ExitCode.TESTS_FAILED
+    gated.assert_outcomes(passed=2, skipped=1, failed=1)  # the gate is a test of the run: it counts
+    reason = "decode_tps dropped *%: * tokens/s vs baseline * tokens/s (limit -15%); baseline run 'base'*"
     gated.stdout.fnmatch_lines(
         [
-            "benchmark gate FAILED: decode_tps dropped *%: * tokens/s vs baseline * tokens/s (limit -15%); "
-            "baseline run 'base'*"
+            "*::test_benchmark_generation* PASSED*",
+            "*slmdeploy::benchmark_gates FAILED*",  # last, after the benchmarks it judges
+            "*= FAILURES =*",
+            "*_ slmdeploy::benchmark_gates _*",
+            reason,
+            "*= slmdeploy =*",
+            f"benchmark gate FAILED: {reason}",
+            "*= short test summary info =*",
+            f"FAILED *slmdeploy::benchmark_gates - {reason}",
+            "*= 1 failed, 2 passed, 1 skipped*",
         ]
     )
+    junit = (pytester.path / "junit.xml").read_text()
+    assert 'failures="1"' in junit
+    gate_case = r'<testcase classname="slmdeploy" name="benchmark_gates"[^>]*>(<properties>.*?</properties>)?'
+    assert re.search(gate_case + '<failure message="decode_tps dropped', junit)
+    markdown = summary.read_text()
+    assert "❌ **benchmark gates FAILED against 'base'**" in markdown
+    assert re.search(r"^- decode_tps dropped [\d.]+%: .* \(limit -15%\); baseline run 'base'", markdown, re.M)
+
+
+SPEED_TEST = """
+import pytest
+
+@pytest.mark.slm_benchmark
+def test_speed(slm_benchmark):
+    assert slm_benchmark("Do you ship abroad?", new_tokens=8).decode_tps > 0
+"""
+EASY = {"decode_tps": 0.001, "ttft_ms": 1e9, "peak_rss_mb": 1e9}  # every run passes these
+HARD = {"decode_tps": 1e12, "ttft_ms": 1e-9, "peak_rss_mb": 1e-9}  # no run passes these
+
+
+@pytest.mark.parametrize(
+    ("baseline", "record", "extra", "outcomes", "lines", "markdown"),
+    [
+        (
+            "last", None, (), {"passed": 2},
+            ["no baseline yet for faq-int4: this run becomes the baseline (save it with --slm-bench-save)"],
+            "🆕 no baseline yet for faq-int4: this run becomes the baseline (save it with --slm-bench-save)",
+        ),
+        (
+            "v1", None, (), {"passed": 1, "failed": 1},
+            ["FAILED slmdeploy::benchmark_gates - no baseline 'v1' for faq-int4 in * (run once with --slm-bench-save*"],
+            "- no baseline 'v1' for faq-int4 in ",
+        ),
+        (
+            "last", EASY, ("-v",), {"passed": 2},
+            [
+                "slmdeploy::benchmark_gates PASSED*",
+                "benchmark gates passed against 'base' (*): decode_tps +*% (limit -15%), ttft_ms -100.0% (limit +25%), "
+                "peak_rss_mb -100.0% (limit +25%)",
+            ],
+            "✅ benchmark gates passed against 'base' (",
+        ),
+        (
+            "last", HARD, ("-n", "2"), {"passed": 1, "failed": 1},  # judged by xdist's controller: it has every metric
+            ["FAILED slmdeploy::benchmark_gates - decode_tps dropped 100.0%: * (limit -15%); baseline run 'base' *"],
+            "- decode_tps dropped 100.0%: ",
+        ),
+    ],
+    ids=["bootstrap", "missing-name", "passed", "xdist-regression"],
+)  # fmt: skip
+def test_the_gate_item(
+    pytester: pytest.Pytester,
+    tiny_model: Path,
+    warm_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    baseline: str,
+    record: dict[str, float] | None,
+    extra: tuple[str, ...],
+    outcomes: dict[str, int],
+    lines: list[str],
+    markdown: str,
+) -> None:
+    history = pytester.path / "history"
+    if record is not None:
+        bench.History(history).append(bench.RunRecord("base", "faq-int4", "f", "int4", record))
+    pytester.makepyfile(SPEED_TEST)
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(pytester.path / "summary.md"))
+    monkeypatch.setenv("CI", "true")  # as on GitHub: the short summary is not cut to the terminal's width
+    result = pytester.runpytest_subprocess(
+        f"--slm-model={tiny_model}", f"--slm-cache={warm_cache}", "--slm-no-suite", "-p", "no:cacheprovider",
+        f"--slm-bench-history={history}", f"--slm-bench-baseline={baseline}", "--junitxml=junit.xml", *extra,
+    )  # fmt: skip
+    assert result.parseoutcomes() == outcomes
+    assert result.ret == (pytest.ExitCode.TESTS_FAILED if "failed" in outcomes else pytest.ExitCode.OK)
+    result.stdout.fnmatch_lines(lines)
+    assert markdown in (pytester.path / "summary.md").read_text()
+    junit = (pytester.path / "junit.xml").read_text()
+    assert f'failures="{outcomes.get("failed", 0)}"' in junit
+    assert '<testcase classname="slmdeploy" name="benchmark_gates"' in junit
+    assert not history.exists() or record is not None, "without --slm-bench-save nothing is saved"

@@ -357,15 +357,15 @@ def test_answer(slm_model):
 @pytest.mark.parametrize(
     ("extra", "outcomes", "reason"),
     [
-        (("-m", "not slm_benchmark"), {"passed": 1, "deselected": 1}, NO_BENCHMARK),
-        (("--benchmark-skip",), {"passed": 1, "skipped": 1}, NO_BENCHMARK),
+        (("-m", "not slm_benchmark"), {"passed": 1, "deselected": 1, "failed": 1}, NO_BENCHMARK),
+        (("--benchmark-skip",), {"passed": 1, "skipped": 1, "failed": 1}, NO_BENCHMARK),
         (
             ("--slm-bench-gate", "bandwidth_efficiency:-5%"),  # measured by the suite's benchmark only, not run here
-            {"passed": 2},
+            {"passed": 2, "failed": 1},
             "benchmark gate FAILED: gate bandwidth_efficiency:-5% cannot be evaluated: "
             "bandwidth_efficiency is missing from this run's metrics",
         ),
-        ((), {"passed": 2}, None),  # the control: the same baseline passes when the benchmark runs
+        ((), {"passed": 3}, None),  # the control: the same baseline passes when the benchmark runs
     ],
     ids=["deselected", "benchmark-skip", "metric-missing", "control"],
 )
@@ -388,7 +388,7 @@ def test_a_gate_that_cannot_be_checked_fails_the_run(
         "--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-no-suite", "-p", "no:cacheprovider",
         "--slm-bench-history", str(history), "--slm-bench-baseline", "last", "--slm-report", "report.json", *extra,
     )  # fmt: skip
-    assert result.parseoutcomes() == outcomes, "the tests themselves pass: only the gate may fail the run"
+    assert result.parseoutcomes() == outcomes, "the tests themselves pass: only the gate item may fail"
     report = json.loads((pytester.path / "report.json").read_text())
     if reason is None:
         assert result.ret == pytest.ExitCode.OK
