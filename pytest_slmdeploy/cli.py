@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -146,8 +147,27 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--trust-remote-code", action="store_true", help="allow models with their own code")
 
     command(commands, "ls", "list installed models (like 'foundry cache ls')", on_cache)
-    fingerprint = command(commands, "fingerprint", "print a model folder's content hash (for CI cache keys)")
-    fingerprint.add_argument("model", type=Path, help="Hugging Face model folder")
+    fingerprint = command(
+        commands, "fingerprint", "print a model folder's content hash, or with --cache-key a CI cache key for its build"
+    )
+    fingerprint.add_argument(
+        "model",
+        type=Path,
+        nargs="?",
+        help="Hugging Face model folder (default: slm_model from the pytest configuration)",
+    )
+    fingerprint.add_argument(
+        "--cache-key",
+        action="store_true",
+        help="print a cache key for the built model instead: the content hash, the precision, the versions of the "
+        "packages that shape the build (olive-ai, onnxruntime-genai, onnxruntime, transformers, torch, "
+        "pytest-slmdeploy), the Python version and the OS/architecture",
+    )
+    fingerprint.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="precision in the cache key (default: slm_precision from the pytest configuration, else int4)",
+    )
     verify = command(commands, "verify", "re-hash an installed model's files against its manifest", on_cache)
     verify.add_argument("name", help="installed model name (see slmdeploy ls)")
     remove = command(commands, "rm", "remove an installed model", on_cache)
@@ -251,6 +271,39 @@ def _verify(cache: ModelCache, name: str) -> int:
     return 1
 
 
+def cache_key(fingerprint: str, precision: str) -> str:
+    """A CI cache key that changes whenever the build could: model content, precision, tool versions, platform.
+
+    It holds every version the plugin's own build key holds, so an exact cache hit is a build the plugin reuses
+    (a stale hit would be rebuilt on every run and, being an exact hit, never saved again).
+    """
+    from pytest_slmdeploy.deploy import tool_versions
+
+    versions = [f"{package}_{found}" for package, found in tool_versions().items()]
+    python = "py{}.{}".format(*sys.version_info[:2])
+    return "-".join(["slmdeploy", fingerprint, precision, *versions, python, platform.system(), platform.machine()])
+
+
+def _fingerprint(args: argparse.Namespace, config: ProjectConfig) -> int:
+    from pytest_slmdeploy.source import fingerprint as content_hash
+    from pytest_slmdeploy.source import inspect_source
+
+    model = args.model or config.path_value("slm_model")
+    if model is None:
+        raise SettingsError("no model folder: pass MODEL, or set slm_model in the pytest configuration")
+    if args.precision and not args.cache_key:
+        raise SettingsError("--precision is part of the --cache-key only: add --cache-key")
+    digest = content_hash(inspect_source(model).path)
+    if not args.cache_key:
+        print(digest)
+        return 0
+    precision = args.precision or str(config.values.get("slm_precision") or "int4").strip().lower()
+    if precision not in PRECISIONS:
+        raise SettingsError(f"slm_precision = {precision!r} is not one of {', '.join(PRECISIONS)}")
+    print(cache_key(digest, precision))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -267,11 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(cache, check_model_name(args.name))
         if args.command == "fingerprint":
-            from pytest_slmdeploy.source import fingerprint as content_hash
-            from pytest_slmdeploy.source import inspect_source
-
-            print(content_hash(inspect_source(args.model).path))
-            return 0
+            return _fingerprint(args, config)
         if args.command == "rm":
             removed = cache.remove(check_model_name(args.name))
             print(f"{args.name}: {'removed' if removed else 'not installed'}")
