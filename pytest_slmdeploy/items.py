@@ -5,11 +5,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_slmdeploy.checklist.cases import Case, CaseFileError, CaseResult, check_case, load_case_file
+if TYPE_CHECKING:  # the plugin imports this module in every pytest run: the case parser loads on first use
+    from pytest_slmdeploy.checklist.cases import Case, CaseResult
 
 DEFAULT_CASE_PATTERNS = ("slm_cases*.yaml", "slm_cases*.yml", "slm_cases*.toml")
 MODEL_CASE_FILES = ("slm_cases.yaml", "slm_cases.yml", "slm_cases.toml")
@@ -29,6 +30,8 @@ class CaseFile(pytest.File):
     """A YAML/TOML file of domain cases."""
 
     def collect(self) -> Iterator[CaseItem]:
+        from pytest_slmdeploy.checklist.cases import CaseFileError, load_case_file
+
         try:
             cases = load_case_file(self.path)
         except CaseFileError as exc:
@@ -46,6 +49,7 @@ class CaseItem(pytest.Item):
         self.add_marker("slm_domain")
 
     def runtest(self) -> None:
+        from pytest_slmdeploy.checklist.cases import check_case
         from pytest_slmdeploy.plugin import slm_session
 
         model = slm_session(self.config).model()

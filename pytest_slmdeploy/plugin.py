@@ -1,19 +1,44 @@
-"""pytest hooks and fixtures: they only wire pytest to :class:`SlmDeploySession`."""
+"""pytest hooks and fixtures: they only wire pytest to :class:`SlmDeploySession`.
+
+pytest imports this module in every run of the environment, with or without ``--slm-model``: it imports
+only the settings and the case-file node classes; the session (build, cache, benchmarks) loads when a
+run has a model.
+"""
 
 from __future__ import annotations
 
+import glob
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_slmdeploy import hookspecs
 from pytest_slmdeploy.items import DEFAULT_CASE_PATTERNS, CaseFile, CaseItem, is_case_file, model_case_files
-from pytest_slmdeploy.report import FIGURE_PREFIX, INCONCLUSIVE_PROPERTY
-from pytest_slmdeploy.session import SUITE_PATH, SlmDeploySession
-from pytest_slmdeploy.settings import BACKENDS, FOUNDRY_MODES, LIMITS, PRECISIONS
+from pytest_slmdeploy.settings import BACKENDS, FOUNDRY_MODES, LIMITS, PRECISIONS, Settings
 
-_session_key = pytest.StashKey[SlmDeploySession]()
+if TYPE_CHECKING:
+    from pytest_slmdeploy.session import SlmDeploySession
+
+NO_MODEL = "no model to test: pass --slm-model PATH or set slm_model in [tool.pytest.ini_options]"
+MARKERS = (
+    "slm_domain: domain-answer checks of the deployed model (checklist item 1)",
+    "slm_format: response-format checks (checklist item 2)",
+    "slm_memory: memory-leak checks in prolonged use (checklist item 3)",
+    "slm_lengths: behaviour across input lengths (checklist item 4)",
+    "slm_edge: edge cases and invalid input (checklist item 5)",
+    "slm_benchmark: performance measurements of the deployed model",
+    "slm_smoke: the installed model loads and answers (deployment)",
+)
+# The built-in suite's node ids: "slmdeploy::test_...", and "slmdeploy-model/<file>::<case id>" for the
+# model folder's own case files. Given as arguments, they select those items (see Selection).
+SUITE_NODEID = "slmdeploy"
+MODEL_CASES_NODEID = "slmdeploy-model"
+
+_session_key = pytest.StashKey["SlmDeploySession"]()
+_settings_key = pytest.StashKey[Settings]()
+_selection_key = pytest.StashKey["Selection"]()
 
 # (flag, ini key, ini type, help, extra argparse keywords)
 _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
@@ -110,60 +135,142 @@ def _value(config: pytest.Config, key: str) -> object | None:
     return None if ini in ("", None) else ini
 
 
+def _names_suite(arg: str, invocation_dir: Path) -> bool:
+    """Whether a command-line argument is a node id of the built-in suite (and not a real path)."""
+    path = arg.partition("::")[0].partition("[")[0]
+    ours = path in (SUITE_NODEID, MODEL_CASES_NODEID) or path.startswith(f"{MODEL_CASES_NODEID}/")
+    return ours and not (invocation_dir / path).exists()
+
+
+def _selects(arg: str, nodeid: str) -> bool:
+    """pytest's rule for a node id argument: the node itself, its children, or its parametrizations."""
+    if nodeid == arg or nodeid.startswith((f"{arg}::", f"{arg}/")):
+        return True
+    return "[" not in arg and nodeid.startswith(f"{arg}[")
+
+
+class Selection:  # not a dataclass: making one costs about 1 ms of import in every pytest run
+    """Which of the built-in suite runs: all of it unless test paths narrow the run, else the items named."""
+
+    def __init__(self, everything: bool, named: tuple[str, ...] = ()) -> None:
+        self.everything = everything
+        self.named = named
+
+    @classmethod
+    def take(cls, config: pytest.Config) -> Selection:
+        """Remove the suite's node ids from ``config.args`` (pytest would look for them as files)."""
+        named = tuple(a for a in config.args if _names_suite(a, config.invocation_params.dir))
+        if named:
+            config.args = [a for a in config.args if a not in named]
+        return cls(everything=not named and not _narrowed(config), named=named)
+
+    def select(self, items: Sequence[pytest.Item]) -> list[pytest.Item]:
+        if self.everything:
+            return list(items)
+        chosen = [item for item in items if any(_selects(arg, item.nodeid) for arg in self.named)]
+        missing = [arg for arg in self.named if not any(_selects(arg, item.nodeid) for item in chosen)]
+        if missing:
+            known = ", ".join(sorted({item.nodeid.partition("[")[0] for item in items}))
+            raise pytest.UsageError(f"slmdeploy: not found: {', '.join(missing)} (the built-in items: {known})")
+        return chosen
+
+
+def _narrowed(config: pytest.Config) -> bool:
+    """Whether test paths on the command line select less than a plain ``pytest`` would (testpaths or rootdir)."""
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        return False
+    if config.option.pyargs or any("::" in arg for arg in config.args):
+        return True
+    given = [(config.invocation_params.dir / arg).resolve() for arg in config.args]
+    defaults: Iterable[Path] = [
+        Path(found).resolve()
+        for pattern in config.getini("testpaths")
+        for found in sorted(glob.glob(str(config.rootpath / pattern), recursive=True))
+    ] or [config.rootpath.resolve()]
+    return not all(any(path.is_relative_to(arg) for arg in given) for path in defaults)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from pytest_slmdeploy.errors import SlmDeployError
     from pytest_slmdeploy.settings import resolve_settings
 
-    for line in SlmDeploySession.MARKERS:
+    for line in MARKERS:
         config.addinivalue_line("markers", line)
     ini_dir = config.inipath.parent if config.inipath else config.rootpath
     try:
         settings = resolve_settings(lambda key: _value(config, key), ini_dir=ini_dir)
+    except SlmDeployError as exc:
+        raise pytest.UsageError(f"slmdeploy: {exc}") from None
+    config.stash[_settings_key] = settings
+    selection = Selection.take(config)
+    if not settings.enabled:
+        if selection.named:
+            raise pytest.UsageError(f"slmdeploy: {selection.named[0]} is in the built-in suite: add --slm-model PATH")
+        return
+    from pytest_slmdeploy.session import SlmDeploySession
+
+    try:
         session = SlmDeploySession(config, settings)
         session.check_source()
     except SlmDeployError as exc:
         raise pytest.UsageError(f"slmdeploy: {exc}") from None
     config.stash[_session_key] = session
+    config.stash[_selection_key] = selection
     config.pluginmanager.register(session, "slmdeploy-session")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -k/-m deselection sees the items
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     slm = config.stash.get(_session_key, None)
-    if slm is None or not (slm.settings.enabled and slm.settings.suite):
+    selection = config.stash.get(_selection_key, None)
+    if slm is None or selection is None or not (selection.named or (selection.everything and slm.settings.suite)):
         return
+    from pytest_slmdeploy.session import SUITE_PATH
+
     # The suite lives in site-packages; fixed node ids keep it readable ("slmdeploy::test_...").
-    module = pytest.Module.from_parent(session, path=SUITE_PATH, nodeid="slmdeploy")
-    items.extend(session.genitems(module))
+    suite = list(session.genitems(pytest.Module.from_parent(session, path=SUITE_PATH, nodeid=SUITE_NODEID)))
     for path in model_case_files(slm.plan.source.path):
-        items.extend(session.genitems(CaseFile.from_parent(session, path=path, nodeid=f"slmdeploy-model/{path.name}")))
-    if any(isinstance(item, CaseItem) for item in items):  # the cases are the domain family; no placeholder
-        items[:] = [item for item in items if item.name != "test_domain_cases_exist"]
+        case_file = CaseFile.from_parent(session, path=path, nodeid=f"{MODEL_CASES_NODEID}/{path.name}")
+        suite.extend(session.genitems(case_file))
+    if any(isinstance(item, CaseItem) for item in (*items, *suite)):  # the cases are the domain family
+        suite = [item for item in suite if item.name != "test_domain_cases_exist"]
+    chosen = selection.select(suite)
+    if len(chosen) < len(suite):  # collected to find the named ones: the rest is reported as deselected, as -k does
+        config.hook.pytest_deselected(items=[item for item in suite if item not in chosen])
+    items.extend(chosen)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> CaseFile | None:
     if not is_case_file(file_path, parent.config.getini("slm_case_files")):
         return None
-    slm = parent.config.stash.get(_session_key, None)
-    if (
-        slm is not None
-        and slm.settings.model is not None
-        and file_path.resolve().parent == slm.settings.model.resolve()
-    ):
+    settings = parent.config.stash.get(_settings_key, None)
+    if settings is not None and settings.model is not None and file_path.resolve().parent == settings.model.resolve():
         return None  # the model's own cases run with the built-in suite
     return CaseFile.from_parent(parent, path=file_path)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    settings = item.config.stash.get(_settings_key, None)
+    if settings is not None and not settings.enabled and any(m.name.startswith("slm_") for m in item.iter_markers()):
+        pytest.skip(NO_MODEL)
+
+
 def slm_session(config: pytest.Config) -> SlmDeploySession:
     """The run's :class:`SlmDeploySession` (for plugins and the plugin's own test items)."""
-    return config.stash[_session_key]
+    session = config.stash.get(_session_key, None)
+    if session is None:  # a run without a model: made on first use, to answer fixtures with NO_MODEL skips
+        from pytest_slmdeploy.session import SlmDeploySession
+
+        session = config.stash[_session_key] = SlmDeploySession(config, config.stash[_settings_key])
+    return session
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(_session_key, None)
     if session is not None:
         session.close()
-        config.pluginmanager.unregister(session)
+        if config.pluginmanager.is_registered(session):
+            config.pluginmanager.unregister(session)
         del config.stash[_session_key]
 
 
@@ -174,6 +281,8 @@ def _session(request: pytest.FixtureRequest) -> SlmDeploySession:
 @pytest.fixture
 def slm_figure(request: pytest.FixtureRequest) -> Any:
     """``slm_figure(name, value)`` adds a key figure to this test's checklist row (and to JUnit)."""
+
+    from pytest_slmdeploy.report import FIGURE_PREFIX
 
     def record(name: str, value: object) -> None:
         request.node.user_properties.append((f"{FIGURE_PREFIX}{name}", value))
@@ -186,6 +295,7 @@ def slm_verdict(request: pytest.FixtureRequest) -> Any:
     """``slm_verdict(comparisons)`` judges :func:`pytest_slmdeploy.stats.compare` results: fails on a decided
     failure; reports one that this run's noise left undecided as inconclusive (a failure with
     ``--slm-fail-inconclusive``)."""
+    from pytest_slmdeploy.report import INCONCLUSIVE_PROPERTY
     from pytest_slmdeploy.stats import Verdicts
 
     def judge(comparisons: Any) -> None:

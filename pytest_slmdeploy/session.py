@@ -16,11 +16,11 @@ from pytest_slmdeploy.bench import DEFAULT_GATES, Gate, metrics_of
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import BuildError, SlmDeployError
+from pytest_slmdeploy.plugin import NO_MODEL
 from pytest_slmdeploy.report import FAMILY_PROPERTY, FamilyResult, GateResult, RunReport, family_of
 from pytest_slmdeploy.settings import Settings
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
-NO_MODEL = "no model to test: pass --slm-model PATH or set slm_model in [tool.pytest.ini_options]"
 GATE_ITEM_ID = "slmdeploy::benchmark_gates"
 
 
@@ -33,16 +33,6 @@ def _version(package: str) -> str:
 
 class SlmDeploySession:
     """Registered as plugin ``slmdeploy-session``; fixtures and hooks delegate here."""
-
-    MARKERS = (
-        "slm_domain: domain-answer checks of the deployed model (checklist item 1)",
-        "slm_format: response-format checks (checklist item 2)",
-        "slm_memory: memory-leak checks in prolonged use (checklist item 3)",
-        "slm_lengths: behaviour across input lengths (checklist item 4)",
-        "slm_edge: edge cases and invalid input (checklist item 5)",
-        "slm_benchmark: performance measurements of the deployed model",
-        "slm_smoke: the installed model loads and answers (deployment)",
-    )
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
@@ -336,7 +326,7 @@ class SlmDeploySession:
             pytest.skip(NO_MODEL)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self._plan is None:
+        if self._plan is None or self.config.option.collectonly:
             return
         plan = self._plan
         state = plan.state()
