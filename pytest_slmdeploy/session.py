@@ -325,9 +325,12 @@ class SlmDeploySession:
         if self._plan is None and any(m.name.startswith("slm_") for m in item.iter_markers()):
             pytest.skip(NO_MODEL)
 
+    @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's: bench_table.take_over switches its table off
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self._plan is None or self.config.option.collectonly:
             return
+        from pytest_slmdeploy import bench_table
+
         plan = self._plan
         state = plan.state()
         terminalreporter.section("slmdeploy")
@@ -335,6 +338,11 @@ class SlmDeploySession:
             terminalreporter.write_line(line, red=line.startswith("FAIL"), green=line.startswith("pass"))
         for line in self.report.inconclusive_lines():
             terminalreporter.write_line(f"inconclusive (not a failure): {line}", yellow=True)
+        table = bench_table.take_over(self.config)
+        if table:
+            terminalreporter.write_line(bench_table.TITLE)
+            for line in table:
+                terminalreporter.write_line(f"  {line}")
         gates = self.report.gates
         for reason in gates.reasons if gates else ():
             terminalreporter.write_line(f"benchmark gate FAILED: {reason}", red=True)
