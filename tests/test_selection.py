@@ -117,6 +117,17 @@ def test_a_whole_built_in_file_or_the_suite_by_name(
     assert not [i for i in suite if not i.startswith("slmdeploy::")]
 
 
+def test_the_gate_items_id_passes_back_when_a_baseline_is_given(
+    project: pytest.Pytester, tiny_model: Path, warm_cache: Path, tmp_path: Path
+) -> None:
+    args = (*_model_args(tiny_model, warm_cache), "--co", "-q", "slmdeploy::benchmark_gates")
+    gated = project.runpytest(*args, f"--slm-bench-history={tmp_path}", "--slm-bench-baseline=last")
+    assert _collected(gated) == ["slmdeploy::benchmark_gates"]
+    ungated = project.runpytest(*args)
+    assert ungated.ret == pytest.ExitCode.USAGE_ERROR
+    ungated.stderr.fnmatch_lines(["*slmdeploy: not found: slmdeploy::benchmark_gates *"])
+
+
 def test_an_unknown_built_in_id_is_a_usage_error(project: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
     result = project.runpytest(*_model_args(tiny_model, warm_cache), "slmdeploy::test_nope")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
