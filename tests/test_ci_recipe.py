@@ -420,3 +420,14 @@ def test_cache_key(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "-fp32-" in changed
     assert main(["fingerprint", str(tiny_model), "--precision", "int8"]) == 2
     assert "--precision is part of the --cache-key only" in capsys.readouterr().err
+
+
+def test_the_docs_show_the_workflows_steps(workflow: dict[str, Any]) -> None:
+    """docs/ci.md quotes steps of the workflow: each quoted step is the workflow's, as it is."""
+    (job,) = workflow["jobs"].values()
+    steps = {step.get("name"): step for step in job["steps"]}
+    text = (Path(__file__).parents[1] / "docs" / "ci.md").read_text()
+    quoted = [step for block in re.findall(r"```yaml\n(.*?)```", text, re.S) for step in yaml.safe_load(block)]
+    assert len(quoted) >= 4
+    for step in quoted:
+        assert step == steps.get(step["name"]), step["name"]
