@@ -164,6 +164,7 @@ def test_bandwidth_efficiency() -> None:
 def test_benchmarks_record_history_and_gate(
     pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark disables itself in the run
     history = tmp_path / "history"
     args = (
         "--slm-model",
@@ -283,6 +284,7 @@ def test_the_gate_item(
     if record is not None:
         bench.History(history).append(bench.RunRecord("base", "faq-int4", "f", "int4", record))
     pytester.makepyfile(SPEED_TEST)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark disables itself in the run
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(pytester.path / "summary.md"))
     monkeypatch.setenv("CI", "true")  # as on GitHub: the short summary is not cut to the terminal's width
     result = pytester.runpytest_subprocess(
