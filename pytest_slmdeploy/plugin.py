@@ -239,8 +239,16 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         suite.extend(session.genitems(case_file))
     if any(isinstance(item, CaseItem) for item in (*items, *suite)):  # the cases are the domain family
         suite = [item for item in suite if item.name != "test_domain_cases_exist"]
-    # With a baseline the session adds the gate item after every plugin has selected: naming it is no mistake.
-    chosen = selection.select(suite, added_later=(GATE_ITEM_ID,) if slm.settings.bench_baseline else ())
+    try:
+        # With a baseline the session adds the gate item after every plugin has selected: naming it is no mistake.
+        chosen = selection.select(suite, added_later=(GATE_ITEM_ID,) if slm.settings.bench_baseline else ())
+    except pytest.UsageError as exc:
+        if not hasattr(config, "workerinput"):
+            raise
+        # An xdist worker's usage error never reaches the controller (the run would end in "no tests ran"):
+        # a collection error does, with its message.
+        config.hook.pytest_collectreport(report=pytest.CollectReport(SUITE_NODEID, "failed", str(exc), []))
+        return
     if len(chosen) < len(suite):  # collected to find the named ones: the rest is reported as deselected, as -k does
         config.hook.pytest_deselected(items=[item for item in suite if item not in chosen])
     items.extend(chosen)

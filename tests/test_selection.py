@@ -170,7 +170,9 @@ def test_collect_only_builds_nothing_and_prints_no_summary(
 
 
 def test_xdist_workers_run_the_named_items(project: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
-    result = project.runpytest_subprocess(
-        "-n", "2", *_model_args(tiny_model, warm_cache), "slmdeploy-model/slm_cases.yaml"
-    )
-    result.assert_outcomes(passed=len(FAQ))
+    args = ("-n", "2", *_model_args(tiny_model, warm_cache))
+    project.runpytest_subprocess(*args, "slmdeploy-model/slm_cases.yaml").assert_outcomes(passed=len(FAQ))
+    # A worker's usage error would never reach the controller: the run would end in "no tests ran".
+    unknown = project.runpytest_subprocess(*args, "slmdeploy::test_nope")
+    assert unknown.ret == pytest.ExitCode.TESTS_FAILED
+    unknown.stdout.fnmatch_lines(["ERROR slmdeploy - slmdeploy: not found: slmdeploy::test_nope *"])
