@@ -154,7 +154,7 @@ def _as_text(value: Any) -> str:
 class Run:
     """What a simulated workflow run left behind."""
 
-    steps: dict[str, str] = field(default_factory=dict)  # name -> success | failure | skipped
+    steps: dict[str, str] = field(default_factory=dict)  # name -> success | failure | skipped | stand-in
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     logs: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
     summary: str = ""
@@ -212,7 +212,7 @@ class Actions:
                 continue
             before(name, project)
             with_ = {k: interpolate(str(v)) for k, v in step.get("with", {}).items()}
-            ok = True
+            ok, done_here = True, True
             if "run" in step and name not in NOT_RUN:
                 output_file = workspace.parent / f"output-{run_id}-{len(result.steps)}"
                 output_file.write_text("")
@@ -243,7 +243,9 @@ class Actions:
                         post_saves.append((with_["key"], path))
                 else:
                     self._save(with_["key"], path)
-            result.steps[name] = "success" if ok else "failure"
+            else:  # checkout, setup-python, upload-artifact, and the run steps in NOT_RUN
+                done_here = False
+            result.steps[name] = ("success" if ok else "failure") if done_here else "stand-in"
             failed |= not ok
         for key, path in post_saves if not failed else ():
             self._save(key, path)
@@ -306,6 +308,7 @@ def test_the_workflow_bootstraps_then_gates_then_catches_a_regression(
 
     first = actions.run(_checkout(tmp_path / "run1", tiny_model), ref=MAIN, run_id=1, inputs=inputs)
     check = first.logs[gate_step].stdout
+    assert [first.steps[name] for name in NOT_RUN] == ["stand-in"] * len(NOT_RUN)
     assert first.outputs["model"]["key"] == key
     assert first.steps[gate_step] == "success", check + first.logs[gate_step].stderr
     bootstrap = "no baseline yet for faq-int4: this run becomes the baseline (saved with --slm-bench-save)"
