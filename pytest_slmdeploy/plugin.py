@@ -195,6 +195,15 @@ def _narrowed(config: pytest.Config) -> bool:
     return not all(any(path.is_relative_to(arg) for arg in given) for path in defaults)
 
 
+def _only_informs(config: pytest.Config) -> bool:
+    """A run that shows help, markers, fixtures or the collection, and so needs no usable model."""
+    option = config.option
+    return any(
+        getattr(option, name, False)
+        for name in ("help", "version", "markers", "showfixtures", "show_fixtures_per_test", "collectonly")
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from pytest_slmdeploy.errors import SlmDeployError
     from pytest_slmdeploy.settings import resolve_settings
@@ -218,6 +227,8 @@ def pytest_configure(config: pytest.Config) -> None:
         session = SlmDeploySession(config, settings)
         session.check_source()
     except SlmDeployError as exc:
+        if _only_informs(config):  # --help, --markers, --co ... in a fresh clone before its model is made
+            return
         raise pytest.UsageError(f"slmdeploy: {exc}") from None
     config.stash[_session_key] = session
     config.stash[_selection_key] = selection

@@ -307,6 +307,13 @@ class SlmDeploySession:
             hook.pytest_runtest_logreport(report=report)
         hook.pytest_runtest_logfinish(nodeid=GATE_ITEM_ID, location=location)
 
+    def _how_built(self, manifest: Any) -> str:
+        """``built`` by this run, ``waited`` for another process's build, or ``reused`` as it was."""
+        new = manifest.created_at >= self.started
+        if isinstance(self._deployment, Deployment):  # this process deployed: it knows whether it built
+            return "built" if not self._deployment.cache_hit else ("waited" if new else "reused")
+        return "built" if new else "reused"  # the xdist controller: a worker of this run built it
+
     def _model_facts(self) -> dict[str, Any]:
         plan = self._plan
         assert plan is not None
@@ -316,7 +323,7 @@ class SlmDeploySession:
         if manifest is not None:
             facts.update(
                 **manifest.figures(),
-                cache="rebuilt" if manifest.created_at >= self.started else "reused",
+                cache="rebuilt" if self._how_built(manifest) == "built" else "reused",
                 fingerprint=plan.source_fingerprint[:12],
             )
         return facts
@@ -357,12 +364,12 @@ class SlmDeploySession:
         if manifest is None:
             terminalreporter.write_line(f"{plan.name}: not installed ({state.reason})")
             return
-        built_now = manifest.created_at >= self.started
-        how = (
-            f"built in {manifest.build_seconds:.1f}s (peak RSS {manifest.build_peak_rss_bytes / 1e6:.0f} MB)"
-            if built_now
-            else "reused from the cache (no build)"
-        )
+        built = f"built in {manifest.build_seconds:.1f}s (peak RSS {manifest.build_peak_rss_bytes / 1e6:.0f} MB)"
+        how = {
+            "built": built,
+            "waited": "reused from the cache: another process built it while this run waited",
+            "reused": "reused from the cache (no build)",
+        }[self._how_built(manifest)]
         terminalreporter.write_line(f"{plan.name} [{manifest.precision}]: {how}")
         terminalreporter.write_line(f"  installed at {plan.cache.entry_dir(plan.name)}")
         terminalreporter.write_line(

@@ -362,3 +362,36 @@ def test_the_docs_matrix_is_generated_from_these_cases() -> None:
     shown = docs.split(MATRIX_START)[1].split(MATRIX_END)[0].strip()
     assert shown == bad_input_matrix().strip(), "regenerate it: .venv/bin/python scripts/bad_input_matrix.py"
     assert set(FOLDER_INPUTS) == {case[0] for case in CASES}
+
+
+@pytest.mark.parametrize("flag", ["--help", "--markers", "--fixtures", "--co"])
+def test_information_runs_need_no_model_yet(pytester: pytest.Pytester, flag: str) -> None:
+    # A fresh clone of a project whose model is made by a script: the ini already names it.
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\nslm_model = "model"\n')
+    result = pytester.runpytest(flag)
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+    assert "does not exist" not in result.stdout.str() + result.stderr.str()
+    plain = pytester.runpytest()  # a real run still says what is wrong
+    assert plain.ret == pytest.ExitCode.USAGE_ERROR
+    plain.stderr.fnmatch_lines(["ERROR: slmdeploy: model folder */model does not exist*"])
+
+
+def test_a_run_that_waited_for_another_build_says_so(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    cache = pytester.path / "cache"
+    pytester.makepyfile("def test_a(slm_deployment):\n    assert slm_deployment.entry_dir.is_dir()\n")
+    args = ["--slm-model", str(tiny_model), "--slm-cache", str(cache), "--slm-no-suite", "-p", "no:cacheprovider"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *args], cwd=pytester.path, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    staging = cache / ".staging"
+    while time.monotonic() < deadline and not (staging.is_dir() and any(staging.iterdir())):
+        time.sleep(0.05)
+    assert first.poll() is None, "the first build finished before the second run could wait for it"
+    second = pytester.runpytest_subprocess(*args)
+    out, _ = first.communicate(timeout=300)
+    assert "faq-int4 [int4]: built in " in out
+    second.assert_outcomes(passed=1)
+    second.stdout.fnmatch_lines(
+        ["faq-int4 [int4]: reused from the cache: another process built it while this run waited"]
+    )
