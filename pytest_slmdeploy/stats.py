@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import median
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 CONFIDENCE = 0.95
@@ -143,6 +143,15 @@ def interleaved(
     return samples
 
 
+class Judged(Protocol):
+    """Anything judged pass/fail/inconclusive that explains itself (a :class:`Comparison`, a memory soak)."""
+
+    @property
+    def verdict(self) -> Verdict: ...
+
+    def explain(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Verdicts:
     """Several comparisons read together: what failed, what this run's noise left undecided."""
@@ -151,7 +160,7 @@ class Verdicts:
     inconclusive: tuple[str, ...]
 
     @classmethod
-    def of(cls, comparisons: Sequence[Comparison]) -> Verdicts:
+    def of(cls, comparisons: Sequence[Judged]) -> Verdicts:
         return cls(
             tuple(c.explain() for c in comparisons if c.verdict == "fail"),
             tuple(c.explain() for c in comparisons if c.verdict == "inconclusive"),

@@ -200,3 +200,19 @@ def test_sampling_check() -> None:
     assert edge.check_sampling(honest, "Hi").problems == ()
     assert "do not reach the runtime" in edge.check_sampling(greedy_only, "Hi").problems[0]
     assert "the same seed gave different answers" in edge.check_sampling(unseeded, "Hi").problems[0]
+
+
+def test_soak_verdicts() -> None:
+    steady = memory.SoakResult("soak", tuple(100_000_000 + 1_000_000 * i for i in range(30)), 1.0)
+    assert steady.verdict(8_000) == "fail"  # 1 MB per step against 8 kB
+    flat = memory.SoakResult("soak", tuple(100_000_000 + (i % 3) * 10_000 for i in range(30)), 1.0)
+    assert flat.verdict(8_000) == "pass"
+    once = memory.SoakResult("soak", tuple(100_000_000 + (20_000_000 if i >= 15 else 0) for i in range(30)), 1.0)
+    assert once.verdict(8_000) == "inconclusive"  # an arena growing once is not a steady leak
+    assert once.judged(8_000, "8 kB").explain().startswith("inconclusive: soak: RSS grows")
+
+
+@pytest.mark.parametrize("at", [5, 11, 15, 22])
+def test_one_rise_anywhere_is_not_a_leak(at: int) -> None:
+    once = memory.SoakResult("soak", tuple(100_000_000 + (20_000_000 if i >= at else 0) for i in range(30)), 1.0)
+    assert once.verdict(8_000) in ("pass", "inconclusive")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, pairwise
 from statistics import median
 
 from pytest_slmdeploy.measure import rss_bytes
+from pytest_slmdeploy.stats import Verdict
 
 
 def theil_sen_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -42,11 +43,52 @@ class SoakResult:
     def growth_mb(self) -> float:
         return (self.rss[-1] - self.rss[0]) / 1e6 if self.rss else 0.0
 
+    def quarters_mb(self) -> tuple[float, ...]:
+        """Median RSS (MB) of each quarter of the samples, in order."""
+        n = len(self.rss)
+        parts = [self.rss[i * n // 4 : (i + 1) * n // 4] for i in range(4)]
+        return tuple(median(part) / 1e6 for part in parts if part)
+
+    def verdict(self, limit_bytes_per_step: float) -> Verdict:
+        """pass: the robust slope is within the limit. fail: it is over, and RSS rose from each quarter of the
+        soak to the next (by at least half the growth allowed over a quarter): a leak grows steadily, and one
+        rise, however placed, lifts at most two of the three steps. inconclusive: over the limit without a
+        steady rise (an allocator arena growing once, or noise)."""
+        if self.bytes_per_step <= limit_bytes_per_step:
+            return "pass"
+        quarters = self.quarters_mb()
+        allowed_mb = limit_bytes_per_step * (len(self.rss) / 4) / 1e6
+        rises = [later - earlier for earlier, later in pairwise(quarters)]
+        return "fail" if len(rises) == 3 and min(rises) > allowed_mb / 2 else "inconclusive"
+
+    def judged(self, limit_bytes_per_step: float, limit_text: str) -> SoakVerdict:
+        return SoakVerdict(self.verdict(limit_bytes_per_step), self, limit_text)
+
     def explain(self, limit_mb_per_1k: float) -> str:
         return (
             f"{self.what}: RSS grows {self.mb_per_1k:.2f} MB per 1,000 {self.per}s (limit {limit_mb_per_1k:g}); "
             f"{self.steps} {self.per}s in {self.seconds:.1f}s, {self.rss[0] / 1e6:.1f} -> {self.rss[-1] / 1e6:.1f} MB"
         )
+
+
+@dataclass(frozen=True)
+class SoakVerdict:
+    """A soak judged against its limit (read by the ``slm_verdict`` fixture like a timing comparison)."""
+
+    verdict: Verdict
+    result: SoakResult
+    limit: str
+
+    def explain(self) -> str:
+        r = self.result
+        quarters = " -> ".join(f"{mb:.1f}" for mb in r.quarters_mb())
+        head = (
+            f"{r.what}: RSS grows {r.bytes_per_step / 1e6:.3g} MB per {r.per} (robust slope; limit {self.limit}); "
+            f"{r.steps - 1} {r.per}s in {r.seconds:.1f}s, medians by quarter {quarters} MB"
+        )
+        if self.verdict == "inconclusive":
+            return f"inconclusive: {head}: RSS rose, but not steadily (an arena growing once, or noise)"
+        return f"{self.verdict}: {head}"
 
 
 def soak(

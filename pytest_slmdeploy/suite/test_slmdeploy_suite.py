@@ -118,7 +118,7 @@ def test_prompt_template_matches_the_model(slm_model: Any, slm_deployment: Any) 
 # -- 3. memory -----------------------------------------------------------------------------------
 @pytest.mark.slm_memory
 def test_no_leak_over_many_generations(
-    request: pytest.FixtureRequest, slm_model: Any, slm_limits: dict[str, float], slm_figure: Any
+    request: pytest.FixtureRequest, slm_model: Any, slm_limits: dict[str, float], slm_figure: Any, slm_verdict: Any
 ) -> None:
     """RSS has no upward trend over a soak of generations, measured after warm-up."""
     prompts = [*_domain_prompts(request), *fmt.GENERIC_PROMPTS]
@@ -131,11 +131,14 @@ def test_no_leak_over_many_generations(
     )
     slm_figure("leak MB/1k generations", round(result.mb_per_1k, 3))
     slm_figure("generations", result.steps - 1)
-    assert result.mb_per_1k <= slm_limits["memory_max_mb_per_1k"], result.explain(slm_limits["memory_max_mb_per_1k"])
+    limit = slm_limits["memory_max_mb_per_1k"]
+    slm_verdict([result.judged(limit * 1e6 / 1000, f"{limit:g} MB per 1,000 generations")])
 
 
 @pytest.mark.slm_memory
-def test_no_leak_over_load_unload(slm_deployment: Any, slm_settings: Any, slm_limits: dict[str, float]) -> None:
+def test_no_leak_over_load_unload(
+    slm_deployment: Any, slm_settings: Any, slm_limits: dict[str, float], slm_verdict: Any
+) -> None:
     """Loading and closing the model again and again does not grow RSS."""
     from pytest_slmdeploy.runtime import open_model
 
@@ -151,11 +154,8 @@ def test_no_leak_over_load_unload(slm_deployment: Any, slm_settings: Any, slm_li
     model_mb = slm_deployment.manifest.model_bytes / 1e6
     share, slack = slm_limits["memory_max_load_share"], slm_limits["memory_load_slack_mb"]
     limit = share * model_mb + slack
-    grows = result.bytes_per_step / 1e6
-    assert grows <= limit, (
-        f"load/unload: RSS grows {grows:.2f} MB per cycle (limit {limit:.2f} MB = "
-        f"{share:g} x the {model_mb:.1f} MB model + {slack:g} MB); "
-        f"{result.rss[0] / 1e6:.1f} -> {result.rss[-1] / 1e6:.1f} MB over {result.steps - 1} cycles"
+    slm_verdict(
+        [result.judged(limit * 1e6, f"{limit:.2f} MB = {share:g} x the {model_mb:.1f} MB model + {slack:g} MB")]
     )
 
 
@@ -206,13 +206,16 @@ def test_every_length_works_and_scales(
 
 
 @pytest.mark.slm_lengths
-def test_context_boundary_is_handled(slm_model: Any) -> None:
+def test_context_boundary_is_handled(slm_model: Any, slm_limits: dict[str, float]) -> None:
     """A prompt that leaves room for one token gets exactly one (the runtime at a full context); one over the
     context gets the documented ContextOverflowError, never a crash."""
     backend = slm_model.backend
     context = getattr(backend, "context_length", None)
     if context is None or not hasattr(backend, "encode"):
         pytest.skip("the context length is known with the ort-genai backend")
+    longest = int(slm_limits["lengths_max_tokens"])
+    if context > longest:  # a full 32k context would take minutes of prefill on a CPU
+        pytest.skip(f"the {context}-token context is longer than slm_lengths_max_tokens ({longest}): raise it to try")
     prompt = lengths.prompt_of_tokens(context - 1, lambda text: len(backend.encode(backend.render(text))))
     answer = slm_model.generate(prompt, max_new_tokens=8)
     room = context - answer.prompt_tokens
