@@ -338,7 +338,8 @@ def plot_history(records: Sequence[RunRecord], metrics: Sequence[str], out: Path
         ax.set_ylabel(f"{metric}\n({unit}, {'higher' if bigger else 'lower'} is better)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xticks(range(len(records)))
-    labels = [r.commit[:8] if r.commit else (r.name or str(i))[:16] for i, r in enumerate(records)]
+    names = [(r.name or str(i))[:16] for i, r in enumerate(records)]
+    labels = [f"{name}\n{r.commit[:8]}" if r.commit else name for name, r in zip(names, records, strict=True)]
     axes[-1, 0].set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     fig.suptitle(f"pytest-slmdeploy benchmark history: {records[-1].model if records else ''}")
     fig.tight_layout()
