@@ -340,6 +340,9 @@ def slm_verdict(request: pytest.FixtureRequest) -> Any:
 @pytest.fixture
 def slm_limits(request: pytest.FixtureRequest) -> dict[str, float]:
     """Checklist limits for this test: ini values, overridden by its ``slm_<family>(key=value)`` marker keywords."""
+    from pytest_slmdeploy.errors import SettingsError
+    from pytest_slmdeploy.settings import check_limit
+
     limits = dict(_session(request).settings.limits)
     for marker in reversed(list(request.node.iter_markers())):
         if marker.name.startswith("slm_"):
@@ -348,7 +351,10 @@ def slm_limits(request: pytest.FixtureRequest) -> dict[str, float]:
                 name = key if key in limits else f"{family}_{key}"
                 if name not in limits:
                     raise pytest.UsageError(f"@pytest.mark.{marker.name}({key}=...): unknown limit; see slm_* ini keys")
-                limits[name] = float(value)
+                try:
+                    limits[name] = check_limit(name, float(value))
+                except (SettingsError, TypeError, ValueError) as exc:
+                    raise pytest.UsageError(f"@pytest.mark.{marker.name}({key}={value!r}): {exc}") from None
     return limits
 
 

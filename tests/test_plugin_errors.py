@@ -395,3 +395,16 @@ def test_a_run_that_waited_for_another_build_says_so(pytester: pytest.Pytester, 
     second.stdout.fnmatch_lines(
         ["faq-int4 [int4]: reused from the cache: another process built it while this run waited"]
     )
+
+
+def test_a_marker_limit_is_checked_like_the_ini_key(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path
+) -> None:
+    pytester.makepyfile("import pytest\n\n@pytest.mark.slm_memory(generations=0)\ndef test_a(slm_limits):\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        "--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-no-suite"
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*@pytest.mark.slm_memory(generations=0): slm_memory_generations = 0 is out of range: use a whole number*"]
+    )
