@@ -328,10 +328,6 @@ class SlmDeploySession:
             )
         return facts
 
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        if self._plan is None and any(m.name.startswith("slm_") for m in item.iter_markers()):
-            pytest.skip(NO_MODEL)
-
     @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's: bench_table.take_over switches its table off
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self._plan is None or self.config.option.collectonly:
