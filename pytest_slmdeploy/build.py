@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_slmdeploy.errors import BuildError
+from pytest_slmdeploy.errors import BuildError, describe, first_line
 from pytest_slmdeploy.measure import PeakRss, Stopwatch
 from pytest_slmdeploy.source import SourceModel
 
@@ -120,15 +120,13 @@ class _Records(logging.Handler):
         for record in reversed(errors):
             cause = _innermost(record.exc_info[1]) if record.exc_info else None
             if cause is not None:
-                return f"{_first_line(record.getMessage())} {_describe(cause)}"
+                return f"{first_line(record.getMessage())} {describe(cause)}"
         raised = _last_exception_line(log_path) if log_path is not None else None
         if errors:
-            return (
-                f"{_first_line(errors[-1].getMessage())} {raised}" if raised else _first_line(errors[-1].getMessage())
-            )
+            return f"{first_line(errors[-1].getMessage())} {raised}" if raised else first_line(errors[-1].getMessage())
         if raised:
             return raised
-        messages = [_first_line(r.getMessage()) for r in self.records if r.getMessage().strip()]
+        messages = [first_line(r.getMessage()) for r in self.records if r.getMessage().strip()]
         for i, message in enumerate(messages):
             if "Invalid config" in message and i > 0:
                 return messages[i - 1]
@@ -136,19 +134,10 @@ class _Records(logging.Handler):
         return warnings[0] if warnings else "no output model produced"
 
 
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
 def _innermost(exc: BaseException | None) -> BaseException | None:
     while exc is not None and (exc.__cause__ or exc.__context__) is not None:
         exc = exc.__cause__ or exc.__context__
     return exc
-
-
-def _describe(exc: BaseException) -> str:
-    text = _first_line(str(exc))
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
@@ -279,8 +268,7 @@ def run_olive(
                 outcome = olive.run(config)
                 gc.collect()  # finalize Olive's leftover temporary directories while warnings are ignored
         except Exception as exc:  # Olive raises anything; the user gets one line and the log.
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BuildError(f"Olive failed: {type(exc).__name__}: {first} (full log: {log_path})") from exc
+            raise BuildError(f"Olive failed: {describe(exc)} (full log: {log_path})") from exc
         finally:
             olive_logger.removeHandler(handler)
     produced = outcome is not None and outcome.has_output_model()

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def first_line(text: str) -> str:
+    """The first non-blank line, stripped ("" when there is none): a library's message as one line."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` (``Type`` alone for an empty message), for one-line errors."""
+    text = first_line(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class SlmDeployError(Exception):
     """Base class: its message is the whole, one-line, user-facing explanation."""
 

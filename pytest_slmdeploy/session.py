@@ -15,7 +15,7 @@ import pytest
 from pytest_slmdeploy.bench import DEFAULT_GATES, Gate, metrics_of
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
-from pytest_slmdeploy.errors import BuildError, SlmDeployError
+from pytest_slmdeploy.errors import BuildError, SlmDeployError, describe
 from pytest_slmdeploy.plugin import NO_MODEL
 from pytest_slmdeploy.report import FAMILY_PROPERTY, FamilyResult, GateResult, RunReport, family_of
 from pytest_slmdeploy.settings import Settings
@@ -79,7 +79,7 @@ class SlmDeploySession:
             except SlmDeployError as exc:
                 self._deployment = exc
             except Exception as exc:  # e.g. ENOSPC while installing: one clear failure, never a retry per test
-                self._deployment = BuildError(f"building {plan.name} failed: {type(exc).__name__}: {exc}")
+                self._deployment = BuildError(f"building {plan.name} failed: {describe(exc)}")
         if isinstance(self._deployment, SlmDeployError):
             pytest.fail(f"slmdeploy: {self._deployment}", pytrace=False)
         return self._deployment

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_slmdeploy.errors import SourceError
+from pytest_slmdeploy.errors import SourceError, first_line
 
 # Architectures the ModelBuilder of onnxruntime-genai 0.14.1 converts (its `builder.py`);
 # tests/test_source.py checks this list against the installed builder.
@@ -172,8 +172,8 @@ def check_tokenizer(source: SourceModel) -> None:
     try:
         Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises its own Exception subclass with the parser's text
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise SourceError(f"{path} cannot be loaded as a tokenizer ({first}): save the tokenizer again") from None
+        reason = first_line(str(exc)) or type(exc).__name__
+        raise SourceError(f"{path} cannot be loaded as a tokenizer ({reason}): save the tokenizer again") from None
 
 
 def check_weights_match(source: SourceModel, *, trust_remote_code: bool = False) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_slmdeploy.errors import SlmDeployError
+from pytest_slmdeploy.errors import SlmDeployError, first_line
 from pytest_slmdeploy.runtime import Generation
 
 CASE_FIELDS = {"id", "prompt", "messages", "system", "max_tokens", "expect", "marks"}
@@ -227,6 +227,6 @@ def load_case_file(path: Path) -> list[Case]:
         if mark is not None:  # PyYAML: say where, in one line
             first = f"{getattr(exc, 'problem', None) or exc} (line {mark.line + 1}, column {mark.column + 1})"
         else:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(str(exc)) or type(exc).__name__
         raise CaseFileError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {first}") from None
     return parse_cases(data, str(path))

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_slmdeploy.errors import ContextOverflowError, GenerationOptionsError, RuntimeBackendError
+from pytest_slmdeploy.errors import ContextOverflowError, GenerationOptionsError, RuntimeBackendError, describe
 from pytest_slmdeploy.runtime import Generation
 
 # Settings the plugin refuses with GenerationOptionsError before they reach the runtime.
@@ -72,8 +72,7 @@ def survive(generate: Callable[..., Generation], prompt: str, max_new_tokens: in
     except RuntimeBackendError as exc:
         return EdgeOutcome(prompt, problem=f"refused a prompt that fits the context: {exc}")
     except Exception as exc:  # a crash in the runtime or template is the finding itself
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return EdgeOutcome(prompt, problem=f"crashed: {type(exc).__name__}: {first}")
+        return EdgeOutcome(prompt, problem=f"crashed: {describe(exc)}")
     if answer.finish_reason not in ("stop", "length"):
         return EdgeOutcome(prompt, answer.text, problem=f"unknown finish reason {answer.finish_reason!r}")
     try:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_slmdeploy.errors import ContextOverflowError, RuntimeBackendError
+from pytest_slmdeploy.errors import ContextOverflowError, RuntimeBackendError, first_line
 from pytest_slmdeploy.runtime.protocol import Generation, GenerationOptions, PromptInput, as_messages
 
 
@@ -36,7 +36,7 @@ class OrtGenaiBackend:
         try:
             return str(self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
         except RuntimeError as exc:  # the template's own raise_exception(), or a Jinja error, in native code
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(str(exc)) or type(exc).__name__
             raise RuntimeBackendError(f"the model's chat template refused the conversation: {reason}") from None
 
     def encode(self, text: str) -> list[int]:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pytest_slmdeploy.errors import BuildError
+from pytest_slmdeploy.errors import BuildError, describe
 
 TIMEOUT_S = 600
 
@@ -60,8 +60,7 @@ def main(argv: list[str]) -> int:
     try:
         _probe(Path(argv[0]))
     except Exception as exc:  # one line for the parent: the runtime's own reason
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        print(f"{type(exc).__name__}: {first}", file=sys.stderr)
+        print(describe(exc), file=sys.stderr)
         return 1
     return 0
 
