@@ -89,17 +89,17 @@ def build_key(fingerprint_: str, precision: str, recipe: dict[str, Any], chat_te
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _install_files(staging: Path, source: SourceModel, name: str, chat_template: str) -> None:
+def _install_files(staging: Path, plan: Plan) -> None:
     """Add what Foundry Local and the runtimes need next to Olive's output."""
-    if chat_template != source.chat_template:
-        (staging / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    source = plan.source
+    if plan.chat_template != source.chat_template:
+        (staging / "chat_template.jinja").write_text(plan.chat_template, encoding="utf-8")
     genai = json.loads((staging / "genai_config.json").read_text())
     generation_path = source.path / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
-    parts = template.derive_prompt_template(chat_template, source.tokenizer_config)  # checked in prepare()
     info = inference_model_json(
-        name,
-        parts,
+        plan.name,
+        plan.prompt_template.parts,
         context_length=int(genai["model"]["context_length"]),
         generation_config=generation,
         description=f"{source.path.name} ({source.architecture}), built by pytest-slmdeploy",
@@ -118,6 +118,8 @@ class Plan:
     cache: ModelCache
     source_fingerprint: str
     key: str
+    prompt_template: template.PromptTemplate
+    notes: tuple[str, ...] = ()  # what the user should know about this deployment, shown on every run
 
     @property
     def name(self) -> str:
@@ -134,9 +136,16 @@ def prepare(settings: Settings, *, adjust_recipe: RecipeHook | None = None) -> P
     source = inspect_source(settings.model, trust_remote_code=settings.trust_remote_code)
     chat_template = resolve_chat_template(source, settings.chat_template)
     try:
-        template.derive_prompt_template(chat_template, source.tokenizer_config)
+        prompt_template = template.derive_prompt_template(chat_template, source.tokenizer_config)
     except template.TemplateError as exc:
         raise SourceError(f"{source.path}: {exc}") from None
+    notes = [f"PromptTemplate: {note}" for note in prompt_template.notes]
+    if source.chat_template is not None and chat_template != source.chat_template:
+        notes.insert(
+            0,
+            f"--slm-chat-template {settings.chat_template} replaces the model's own chat template: "
+            "a model answers best in the format it was fine-tuned on (use auto to keep it)",
+        )
     recipe = build.olive_config(source, settings.precision, trust_remote_code=settings.trust_remote_code)
     if adjust_recipe is not None:
         recipe = adjust_recipe(recipe)
@@ -144,7 +153,7 @@ def prepare(settings: Settings, *, adjust_recipe: RecipeHook | None = None) -> P
     cache.ensure_writable()
     source_fingerprint = fingerprint(source.path, stat_cache_dir=cache.root)
     key = build_key(source_fingerprint, settings.precision, recipe, chat_template)
-    return Plan(settings, source, chat_template, recipe, cache, source_fingerprint, key)
+    return Plan(settings, source, chat_template, recipe, cache, source_fingerprint, key, prompt_template, tuple(notes))
 
 
 def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployment:
@@ -154,14 +163,14 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
     state = plan.state()
     if state.usable and not settings.rebuild:
         assert state.manifest is not None
-        return Deployment(name, cache.entry_dir(name), state.manifest, True, watch.seconds)
+        return Deployment(name, cache.entry_dir(name), state.manifest, True, watch.seconds, plan.notes)
 
-    notes: list[str] = []
+    notes = list(plan.notes)
     with cache.lock(name, settings.lock_timeout, waiting=progress):
         state = plan.state()  # another process may have built it while we waited
         if state.usable and not (settings.rebuild and not _built_since(state.manifest, watch)):
             assert state.manifest is not None
-            return Deployment(name, cache.entry_dir(name), state.manifest, True, watch.seconds)
+            return Deployment(name, cache.entry_dir(name), state.manifest, True, watch.seconds, plan.notes)
         if state.reason not in ("ok", "not installed"):
             notes.append(f"rebuilt {name}: {state.reason}")
             progress(f"rebuilding {name!r}: {state.reason}")
@@ -172,7 +181,7 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
         with cache.staging(name) as staging:  # removed on the way out, built or not
             log_path = cache.logs_dir / f"{name}.build.log"  # kept after a failure: errors point to it
             result = build.run_olive(plan.recipe, staging.model, staging.work, log_path=log_path, progress=progress)
-            _install_files(staging.model, source, name, plan.chat_template)
+            _install_files(staging.model, plan)
             progress("checking that the built model loads and generates")
             check_loads(staging.model)
             manifest = Manifest(

@@ -91,6 +91,7 @@ class RunReport:
     model: dict[str, Any] = field(default_factory=dict)
     families: dict[str, FamilyResult] = field(default_factory=dict)
     gates: GateResult | None = None
+    notes: list[str] = field(default_factory=list)  # about the deployment, e.g. where PromptTemplate differs
 
     def record(self, nodeid: str, when: str, outcome: str, user_properties: Iterable[tuple[str, Any]]) -> None:
         """Count one test report (call phase, or a failed/skipped setup) into its family."""
@@ -139,6 +140,7 @@ class RunReport:
                 for r in self.ordered()
             ],
             "gates": self.gates.to_json() if self.gates else None,
+            "notes": self.notes,
         }
 
     def write_json(self, path: str) -> None:
@@ -185,6 +187,8 @@ class RunReport:
             lines += [f"- {line}" for line in undecided]
         if self.gates is not None:
             lines += ["", *self.gates.to_markdown()]
+        if self.notes:
+            lines += ["", "Notes:", "", *[f"- {note}" for note in self.notes]]
         details = ", ".join(f"{k}: {v}" for k, v in self.model.items() if k != "name")
         if details:
             lines += ["", details]

@@ -184,6 +184,7 @@ class SlmDeploySession:
         if self._plan is None or hasattr(self.config, "workerinput"):  # the controller writes the reports
             return
         self.report.model = self._model_facts()
+        self.report.notes = list(self._notes())
         if self.bench_metrics or self.settings.bench_baseline:
             self._finish_benchmarks(session)
         if self.settings.report is not None:
@@ -314,6 +315,12 @@ class SlmDeploySession:
             return "built" if not self._deployment.cache_hit else ("waited" if new else "reused")
         return "built" if new else "reused"  # the xdist controller: a worker of this run built it
 
+    def _notes(self) -> tuple[str, ...]:
+        """What the user should know about this deployment (an xdist controller has only the plan's)."""
+        if isinstance(self._deployment, Deployment):
+            return self._deployment.notes
+        return self._plan.notes if self._plan is not None else ()
+
     def _model_facts(self) -> dict[str, Any]:
         plan = self._plan
         assert plan is not None
@@ -372,9 +379,8 @@ class SlmDeploySession:
             f"  size {manifest.model_bytes / 1e6:.1f} MB = {manifest.size_ratio:.2f} x source "
             f"({manifest.source_bytes / 1e6:.1f} MB)"
         )
-        if isinstance(self._deployment, Deployment):
-            for note in self._deployment.notes:
-                terminalreporter.write_line(f"  note: {note}", yellow=True)
+        for note in self._notes():
+            terminalreporter.write_line(f"  note: {note}", yellow=True)
         foundry_model = self._foundry or (self._model if self.settings.backend == "foundry" else None)
         if foundry_model is not None:
             registration = foundry_model.backend.registration

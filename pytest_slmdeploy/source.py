@@ -242,6 +242,13 @@ def _chat_template(path: Path, tokenizer_config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) and template.strip() else None
 
 
+def read_chat_template(folder: Path) -> tuple[str | None, dict[str, Any]]:
+    """A model folder's chat template (as transformers finds it) and its tokenizer_config.json."""
+    config_path = folder / "tokenizer_config.json"
+    config = _read_json(config_path, "the tokenizer config") if config_path.is_file() else {}
+    return _chat_template(folder, config), config
+
+
 def inspect_source(path: str | Path, *, trust_remote_code: bool = False) -> SourceModel:
     """Check that ``path`` is a convertible Hugging Face causal-LM folder, or raise :class:`SourceError`."""
     folder = Path(path).expanduser()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_slmdeploy.runtime import Generation
-from pytest_slmdeploy.template import fill_prompt_template
+from pytest_slmdeploy.template import FIXED_DATE, fill_prompt_template, render_chat
 
 # Prompts any chat model should answer and end by itself (used with the domain prompts).
 GENERIC_PROMPTS = ("Hello", "What can you help me with?", "Answer in one sentence: what do you do?")
@@ -94,17 +94,65 @@ def stop_rate(results: Sequence[FormatResult]) -> float:
     return sum(r.generation.finish_reason == "stop" for r in results) / len(results) if results else 0.0
 
 
+def _user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+# The conversations a PromptTemplate is checked on, by the parts each needs beyond ``prompt``.
+TEMPLATE_CONVERSATIONS: dict[str, tuple[tuple[str, ...], list[dict[str, str]]]] = {
+    "user only": ((), [_user("Hello there")]),
+    "system + user": (("system",), [{"role": "system", "content": "You are a support assistant."}, _user("Hello")]),
+    "multi-turn": (
+        ("user", "assistant"),
+        [_user("First question?"), {"role": "assistant", "content": "First answer."}, _user("Second question?")],
+    ),
+    "system + multi-turn": (
+        ("system", "user", "assistant"),
+        [
+            {"role": "system", "content": "Be brief."},
+            _user("First question?"),
+            {"role": "assistant", "content": "First answer."},
+            _user("Second question?"),
+        ],
+    ),
+}
+
+
+def template_conversations(parts: Mapping[str, str]) -> dict[str, list[dict[str, str]]]:
+    """The conversations this PromptTemplate can express (a template without a system role has no system part)."""
+    return {name: messages for name, (needs, messages) in TEMPLATE_CONVERSATIONS.items() if set(needs) <= set(parts)}
+
+
+def _first_difference(ours: Sequence[int], theirs: Sequence[int]) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+    return f"{len(ours)} vs {len(theirs)} tokens, first difference at token {at}"
+
+
 def prompt_template_mismatches(
     parts: Mapping[str, str],
-    conversations: Iterable[Sequence[Mapping[str, str]]],
+    chat_template: str,
+    tokenizer_config: Mapping[str, object],
     render: Callable[[list[Mapping[str, str]]], str],
     encode: Callable[[str], list[int]],
 ) -> list[str]:
-    """Conversations whose PromptTemplate rendering gives other tokens than the model's own template."""
+    """Where PromptTemplate gives other prompt tokens than the model's own chat template, and where the
+    runtime renders the chat template otherwise than transformers does.
+
+    PromptTemplate is compared at its fixed date (a dated header is written once); the runtime at today's.
+    """
     mismatches = []
-    for messages in conversations:
+    for name, messages in template_conversations(parts).items():
         ours = encode(fill_prompt_template(parts, messages))
-        theirs = encode(render(list(messages)))
+        expected = render_chat(
+            chat_template, messages, add_generation_prompt=True, tokenizer_config=tokenizer_config, today=FIXED_DATE
+        )
+        theirs = encode(expected)
         if ours != theirs:
-            mismatches.append(f"{list(messages)!r}: {len(ours)} vs {len(theirs)} tokens")
+            mismatches.append(f"{name}: PromptTemplate vs chat template, {_first_difference(ours, theirs)}")
+        today = render_chat(chat_template, messages, add_generation_prompt=True, tokenizer_config=tokenizer_config)
+        runtime = render(list(messages))
+        if runtime != today:
+            mismatches.append(
+                f"{name}: the runtime renders the chat template otherwise than transformers: {runtime!r} vs {today!r}"
+            )
     return mismatches

@@ -96,22 +96,18 @@ def test_answers_stop_and_are_clean(
 
 
 @pytest.mark.slm_format
-def test_prompt_template_matches_the_model(slm_model: Any, slm_deployment: Any) -> None:
+def test_prompt_template_matches_the_model(slm_model: Any, slm_deployment: Any, slm_figure: Any) -> None:
     """inference_model.json's PromptTemplate gives the same prompt tokens as the model's own chat template."""
+    from pytest_slmdeploy.source import read_chat_template
+
     backend = slm_model.backend
     if not hasattr(backend, "encode"):
-        pytest.skip("comparing prompt tokens needs the ort-genai backend")
+        pytest.skip(f"comparing prompt tokens needs a backend that tokenizes ({backend.name} does not)")
     parts = json.loads((slm_deployment.entry_dir / "inference_model.json").read_text())["PromptTemplate"]
-    conversations = [
-        [{"role": "system", "content": "You are a support assistant."}, {"role": "user", "content": "Hello there"}],
-        [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "First question?"},
-            {"role": "assistant", "content": "First answer."},
-            {"role": "user", "content": "Second question?"},
-        ],
-    ]
-    mismatches = fmt.prompt_template_mismatches(parts, conversations, backend.render, backend.encode)
+    chat_template, tokenizer_config = read_chat_template(slm_deployment.entry_dir)
+    assert chat_template is not None, f"{slm_deployment.entry_dir} has lost its chat template"
+    slm_figure("conversations", ", ".join(fmt.template_conversations(parts)))
+    mismatches = fmt.prompt_template_mismatches(parts, chat_template, tokenizer_config, backend.render, backend.encode)
     assert not mismatches, "PromptTemplate renders other tokens than the chat template:\n" + "\n".join(mismatches)
 
 
