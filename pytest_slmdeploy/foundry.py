@@ -17,18 +17,28 @@ from typing import Any
 
 from pytest_slmdeploy.errors import RuntimeBackendError
 
-# The tutorial's generation settings, used where the model's generation_config.json says nothing.
-TUTORIAL_MODEL_CONFIG: dict[str, float] = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+# The tutorial's sampling settings, used where the model's generation_config.json says nothing. A
+# repetition penalty is not among them: it changes every answer (the tutorial's 1.1 penalises each token
+# already in the prompt or the answer), so ModelConfig carries one only where the model itself defines it.
+TUTORIAL_MODEL_CONFIG: dict[str, float] = {"temperature": 0.7, "top_p": 0.9}
 TUTORIAL_MAX_LENGTH = 2048
 INFERENCE_MODEL_VERSION = "1"
 
 
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def model_config(context_length: int | None, generation_config: Mapping[str, Any]) -> dict[str, float | int]:
-    """``ModelConfig``: the model's own generation defaults where it has them, else the tutorial's."""
+    """``ModelConfig``: the model's own generation defaults where it has them, else the tutorial's sampling
+    settings; ``repetition_penalty`` only when the model defines one."""
     config: dict[str, float | int] = {"max_length": min(context_length or TUTORIAL_MAX_LENGTH, TUTORIAL_MAX_LENGTH)}
     for key, default in TUTORIAL_MODEL_CONFIG.items():
-        value = generation_config.get(key)
-        config[key] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+        value = _number(generation_config.get(key))
+        config[key] = default if value is None else value
+    penalty = _number(generation_config.get("repetition_penalty"))
+    if penalty is not None:
+        config["repetition_penalty"] = penalty
     return config
 
 
