@@ -39,7 +39,11 @@ class RuntimeBackendError(SlmDeployError):
 
 
 class ContextOverflowError(RuntimeBackendError):
-    """The prompt does not fit the model's context: the one refusal the edge checks accept."""
+    """The prompt does not fit the model's context: a refusal the edge checks accept."""
+
+
+class EmptyPromptError(RuntimeBackendError):
+    """The runtime refuses a request without message text (Foundry Local does): a refusal the edge checks accept."""
 
 
 class GenerationOptionsError(SlmDeployError, ValueError):

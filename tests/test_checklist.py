@@ -9,7 +9,12 @@ import pytest
 from pytest_slmdeploy.checklist import edge, lengths, memory
 from pytest_slmdeploy.checklist import format as fmt
 from pytest_slmdeploy.checklist.cases import CaseFileError, check_case, load_case_file, parse_cases
-from pytest_slmdeploy.errors import ContextOverflowError, GenerationOptionsError, RuntimeBackendError
+from pytest_slmdeploy.errors import (
+    ContextOverflowError,
+    EmptyPromptError,
+    GenerationOptionsError,
+    RuntimeBackendError,
+)
 from pytest_slmdeploy.runtime import Generation
 
 
@@ -184,6 +189,11 @@ def test_edge_outcomes() -> None:
     assert crash.problem == "crashed: IndexError: list index out of range"
     assert "2 of 3 unusual prompts were not handled" in edge.explain_problems([refused, crash, edge.EdgeOutcome("a")])
 
+    def refuses_empty(prompt: str, max_new_tokens: int) -> Generation:
+        raise EmptyPromptError("the runtime refuses a request without message text")
+
+    assert edge.survive(refuses_empty, "", 4).refused == "the runtime refuses a request without message text"
+
 
 def test_sampling_check() -> None:
     def honest(prompt: str, max_new_tokens: int, do_sample: bool = False, seed: int = 0, **_: object) -> Generation:
@@ -200,6 +210,8 @@ def test_sampling_check() -> None:
     assert edge.check_sampling(honest, "Hi").problems == ()
     assert "do not reach the runtime" in edge.check_sampling(greedy_only, "Hi").problems[0]
     assert "the same seed gave different answers" in edge.check_sampling(unseeded, "Hi").problems[0]
+    stubborn = edge.check_sampling(greedy_only, "Hi", temperature=2.0)
+    assert len(stubborn.by_seed) == 24, "a low temperature cap gets more seeds before the verdict"
 
 
 def test_soak_verdicts() -> None:

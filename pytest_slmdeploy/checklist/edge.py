@@ -12,7 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_slmdeploy.errors import ContextOverflowError, GenerationOptionsError, RuntimeBackendError, describe
+from pytest_slmdeploy.errors import (
+    ContextOverflowError,
+    EmptyPromptError,
+    GenerationOptionsError,
+    RuntimeBackendError,
+    describe,
+)
 from pytest_slmdeploy.runtime import Generation
 
 # Settings the plugin refuses with GenerationOptionsError before they reach the runtime.
@@ -55,7 +61,7 @@ class EdgeOutcome:
 
     prompt: str
     text: str | None = None
-    refused: str | None = None  # ContextOverflowError: documented, acceptable
+    refused: str | None = None  # ContextOverflowError or EmptyPromptError: documented, acceptable
     problem: str | None = None  # anything else: a crash, a refusal of a prompt that fits, broken text
 
     @property
@@ -67,7 +73,7 @@ def survive(generate: Callable[..., Generation], prompt: str, max_new_tokens: in
     """Generate for ``prompt`` and classify the outcome; never raises for what the model does."""
     try:
         answer = generate(prompt, max_new_tokens=max_new_tokens)
-    except ContextOverflowError as exc:
+    except (ContextOverflowError, EmptyPromptError) as exc:
         return EdgeOutcome(prompt, refused=str(exc))
     except RuntimeBackendError as exc:
         return EdgeOutcome(prompt, problem=f"refused a prompt that fits the context: {exc}")
@@ -116,16 +122,27 @@ def check_sampling(
     *,
     max_new_tokens: int = 16,
     temperature: float = 5.0,
-    seeds: Sequence[int] = (1, 2, 3, 4, 5, 6),
+    seeds: Sequence[int] = tuple(range(1, 25)),
 ) -> SamplingCheck:
-    """Greedy once; one seed twice; several seeds at a high temperature (which flattens any trained answer)."""
+    """Greedy once; one seed twice; then seeds at a high temperature until one answer differs from greedy.
+
+    A high temperature flattens any trained answer, so a healthy runtime differs at the first seed or
+    two; only a runtime that drops the settings gives the greedy answer for every seed. Where the runtime
+    caps the temperature lower (Foundry Local: 2.0), more seeds make up for it.
+    """
 
     def sample(seed: int) -> str:
         options = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 50, "seed": seed}
         return generate(prompt, max_new_tokens=max_new_tokens, **options).text
 
     greedy = generate(prompt, max_new_tokens=max_new_tokens).text
-    return SamplingCheck(greedy, (sample(seeds[0]), sample(seeds[0])), tuple(sample(seed) for seed in seeds))
+    same_seed = (sample(seeds[0]), sample(seeds[0]))
+    by_seed = [same_seed[0]]
+    for seed in seeds[1:]:
+        if by_seed[-1] != greedy:
+            break
+        by_seed.append(sample(seed))
+    return SamplingCheck(greedy, same_seed, tuple(by_seed))
 
 
 def refuses(generate: Any, options: dict[str, Any]) -> str | None:
