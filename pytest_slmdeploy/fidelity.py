@@ -1,0 +1,666 @@
+"""Fidelity to the source model: the deployed model scored against the fine-tuned model it was built from.
+
+The source model (transformers, fp32, CPU) answers each prompt greedily; its
+answer tokens and next-token distributions are the references. The installed
+ONNX Runtime GenAI model is then teacher-forced on the same tokens, as
+llama.cpp's ``llama-perplexity --kl-divergence`` does, and compared position by
+position: top-1 agreement, KL divergence, and the reference tokens' likelihood.
+
+References are computed once per (source fingerprint, prompts, answer length,
+schema) and kept in ``<cache>/references/``: a warm run reads them with numpy
+and never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_slmdeploy.errors import SlmDeployError, describe
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+SCHEMA = 1
+DEFAULT_TOP_K = 64
+REFERENCES_DIR = "references"
+
+Message = Mapping[str, str]
+Prompt = str | Sequence[Message]
+Progress = Callable[[str], None]
+
+
+class FidelityError(SlmDeployError):
+    """References cannot be computed, or the deployed model cannot be scored against them."""
+
+
+def _messages(prompt: Prompt) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+
+
+def _label(messages: Sequence[Message]) -> str:
+    """What a person calls the prompt: the last user turn."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
+def references_key(source_fingerprint: str, prompts: Sequence[Prompt], *, max_new_tokens: int, top_k: int) -> str:
+    """What references depend on: the source's content, the prompts, the answer length and this module's schema."""
+    payload = {
+        "schema": SCHEMA,
+        "source": source_fingerprint,
+        "prompts": [_messages(p) for p in prompts],
+        "max_new_tokens": max_new_tokens,
+        "top_k": top_k,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class References:
+    """The source model's greedy answers and next-token distributions, compactly.
+
+    At each answer position the distribution is kept as the ``top_k`` most likely tokens' log-probabilities
+    plus the remaining mass as one bucket. The KL divergence computed on that support (k + 1 outcomes) is a
+    lower bound of the KL divergence over the whole vocabulary (merging outcomes never increases it); with
+    k = 64 the bucket holds little mass for a fine-tuned model's confident answers.
+    """
+
+    key: str
+    source_fingerprint: str
+    max_new_tokens: int
+    top_k: int
+    messages: tuple[tuple[dict[str, str], ...], ...]
+    prompt_ids: tuple[tuple[int, ...], ...]
+    answer_ids: tuple[tuple[int, ...], ...]  # greedy, ending with an end token unless max_new_tokens cut it
+    answer_texts: tuple[str, ...]
+    eos_token_ids: tuple[int, ...]
+    topk_ids: NDArray[np.int32]  # (positions, top_k): position p of prompt i is offsets[i] + p
+    topk_logprobs: NDArray[np.float32]  # (positions, top_k), most likely first
+    rest_logprob: NDArray[np.float32]  # (positions,): log of the mass outside the top k (-inf when none)
+    token_logprob: NDArray[np.float32]  # (positions,): the reference token's log-probability
+    compute_seconds: float  # what computing them took, when they were computed
+    path: Path | None = None
+    loaded: bool = False  # read from the cache rather than computed by this call
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return tuple(_label(m) for m in self.messages)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        starts = [0]
+        for answer in self.answer_ids:
+            starts.append(starts[-1] + len(answer))
+        return tuple(starts)
+
+    @property
+    def stopped(self) -> tuple[bool, ...]:
+        """Whether each answer ended with an end token (rather than at ``max_new_tokens``)."""
+        return tuple(bool(a) and a[-1] in self.eos_token_ids for a in self.answer_ids)
+
+    def save(self, path: Path) -> Path:
+        """Write them to ``path`` (npz) atomically: a temporary file, then ``os.replace``."""
+        import numpy as np
+
+        meta = {
+            "schema": SCHEMA,
+            "key": self.key,
+            "source_fingerprint": self.source_fingerprint,
+            "max_new_tokens": self.max_new_tokens,
+            "top_k": self.top_k,
+            "messages": [list(m) for m in self.messages],
+            "answer_texts": list(self.answer_texts),
+            "eos_token_ids": list(self.eos_token_ids),
+            "compute_seconds": self.compute_seconds,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(
+                    fh,
+                    meta=np.array(json.dumps(meta)),
+                    prompt_ids=_flat([*self.prompt_ids]),
+                    prompt_lengths=np.array([len(p) for p in self.prompt_ids], dtype=np.int64),
+                    answer_ids=_flat([*self.answer_ids]),
+                    answer_lengths=np.array([len(a) for a in self.answer_ids], dtype=np.int64),
+                    topk_ids=self.topk_ids,
+                    topk_logprobs=self.topk_logprobs,
+                    rest_logprob=self.rest_logprob,
+                    token_logprob=self.token_logprob,
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> References:
+        """Read references written by :meth:`save` (numpy only)."""
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("schema") != SCHEMA:
+                raise FidelityError(f"{path}: references of schema {meta.get('schema')}, expected {SCHEMA}")
+            prompt_ids = _split(data["prompt_ids"], data["prompt_lengths"])
+            answer_ids = _split(data["answer_ids"], data["answer_lengths"])
+            arrays = {k: data[k].copy() for k in ("topk_ids", "topk_logprobs", "rest_logprob", "token_logprob")}
+        return cls(
+            key=meta["key"],
+            source_fingerprint=meta["source_fingerprint"],
+            max_new_tokens=int(meta["max_new_tokens"]),
+            top_k=int(meta["top_k"]),
+            messages=tuple(tuple(dict(m) for m in ms) for ms in meta["messages"]),
+            prompt_ids=prompt_ids,
+            answer_ids=answer_ids,
+            answer_texts=tuple(meta["answer_texts"]),
+            eos_token_ids=tuple(int(t) for t in meta["eos_token_ids"]),
+            compute_seconds=float(meta["compute_seconds"]),
+            path=path,
+            loaded=True,
+            **arrays,
+        )
+
+
+def _flat(rows: list[tuple[int, ...]]) -> NDArray[np.int64]:
+    import numpy as np
+
+    return np.array([t for row in rows for t in row], dtype=np.int64)
+
+
+def _split(flat: NDArray[Any], lengths: NDArray[Any]) -> tuple[tuple[int, ...], ...]:
+    out, start = [], 0
+    for n in lengths.tolist():
+        out.append(tuple(int(t) for t in flat[start : start + n].tolist()))
+        start += n
+    return tuple(out)
+
+
+def references_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / REFERENCES_DIR / f"{key[:32]}.npz"
+
+
+def compute_references(
+    source_dir: str | Path,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int,
+    cache_dir: str | Path | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    progress: Progress = lambda message: None,
+) -> References:
+    """The source model's references for ``prompts``, from ``<cache_dir>/references/`` when already computed.
+
+    Computing them loads the source in transformers (fp32, CPU, no remote code). Each prompt is rendered by the
+    model's own chat template with the generation prompt added and tokenized as ``apply_chat_template`` does
+    (``add_special_tokens=False``): the template alone decides whether a BOS is there, so there is never a
+    second one. The answer is greedy on the raw logits (no repetition penalty or other search settings) until an
+    end token of ``generation_config`` or ``max_new_tokens``.
+    """
+    from pytest_slmdeploy.source import fingerprint
+
+    if max_new_tokens < 1:
+        raise FidelityError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not prompts:
+        raise FidelityError("no prompts to compute references for")
+    source = Path(source_dir)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    fp = fingerprint(source, stat_cache_dir=cache)
+    key = references_key(fp, prompts, max_new_tokens=max_new_tokens, top_k=top_k)
+    if cache is None:
+        return _compute(source, prompts, fp, key, max_new_tokens, top_k, progress)
+    path = references_path(cache, key)
+    if path.is_file():
+        return References.load(path)
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():  # another process computed them while we waited
+            return References.load(path)
+        refs = _compute(source, prompts, fp, key, max_new_tokens, top_k, progress)
+        refs.save(path)
+    return dataclasses.replace(refs, path=path)
+
+
+def _compute(
+    source: Path,
+    prompts: Sequence[Prompt],
+    fp: str,
+    key: str,
+    max_new_tokens: int,
+    top_k: int,
+    progress: Progress,
+) -> References:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    start = time.perf_counter()
+    progress(f"computing fidelity references with the source model ({len(prompts)} prompts)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+    except Exception as exc:  # transformers raises anything on a folder it cannot read
+        raise FidelityError(f"the source model {source} cannot be loaded in transformers: {describe(exc)}") from None
+    model.eval()
+    eos = _eos_ids(model, tokenizer)
+    # Greedy on the raw logits, without the sampling settings or repetition penalty of the model's own
+    # generation_config: generate() fills every unset value from model.generation_config, so blank that too.
+    model.generation_config = GenerationConfig()
+    greedy = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(eos),
+        pad_token_id=min(eos),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    all_messages, prompt_rows, answer_rows, texts = [], [], [], []
+    top_ids: list[Any] = []
+    top_lps: list[Any] = []
+    rests: list[Any] = []
+    tokens_lp: list[float] = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            messages = _messages(prompt)
+            try:
+                ids = [int(t) for t in _chat_ids(tokenizer, messages)]
+            except Exception as exc:  # the template's own raise_exception(), or a Jinja error
+                raise FidelityError(
+                    f"the source's chat template refused {_label(messages)!r}: {describe(exc)}"
+                ) from None
+            out = model.generate(
+                input_ids=torch.tensor([ids], dtype=torch.long),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                generation_config=greedy,
+            )
+            answer = [int(t) for t in out.sequences[0, len(ids) :]]
+            for token, raw in zip(answer, out.logits, strict=True):
+                logp = torch.log_softmax(raw[0].double(), dim=-1)
+                k = min(top_k, logp.numel())
+                values, indices = torch.topk(logp, k)
+                rest = logp.clone()
+                rest[indices] = -math.inf
+                top_ids.append(indices.numpy().astype(np.int32))
+                top_lps.append(values.numpy().astype(np.float32))
+                rests.append(float(torch.logsumexp(rest, dim=0)) if k < logp.numel() else -math.inf)
+                tokens_lp.append(float(logp[token]))
+            all_messages.append(tuple(messages))
+            prompt_rows.append(tuple(ids))
+            answer_rows.append(tuple(answer))
+            body = answer[:-1] if answer and answer[-1] in eos else answer
+            texts.append(str(tokenizer.decode(body, skip_special_tokens=True)))
+    seconds = time.perf_counter() - start
+    progress(f"fidelity references computed in {seconds:.1f}s")
+    return References(
+        key=key,
+        source_fingerprint=fp,
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        messages=tuple(all_messages),
+        prompt_ids=tuple(prompt_rows),
+        answer_ids=tuple(answer_rows),
+        answer_texts=tuple(texts),
+        eos_token_ids=tuple(sorted(eos)),
+        topk_ids=np.stack(top_ids),
+        topk_logprobs=np.stack(top_lps),
+        rest_logprob=np.array(rests, dtype=np.float32),
+        token_logprob=np.array(tokens_lp, dtype=np.float32),
+        compute_seconds=seconds,
+    )
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """``apply_chat_template(tokenize=True)``: the rendered text tokenized with ``add_special_tokens=False``."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    if isinstance(ids, Mapping):  # a BatchEncoding despite return_dict=False (older transformers)
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The end tokens greedy decoding stops at: generation_config's, else config's, else the tokenizer's."""
+    for value in (
+        getattr(model.generation_config, "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ):
+        if value is not None:
+            return {int(v) for v in (value if isinstance(value, list | tuple) else [value])}
+    raise FidelityError("the source model names no end token (generation_config.json eos_token_id)")
+
+
+@dataclass(frozen=True)
+class PromptFidelity:
+    """One prompt's figures: the deployed model teacher-forced on the reference answer."""
+
+    index: int
+    prompt: str
+    reference_answer: str
+    positions: int
+    agreed: int  # positions whose deployed top-1 token is the reference token
+    first_divergence: int | None  # first position that disagrees (None: the answer is identical)
+    mean_kld: float
+    max_kld: float
+    reference_nll: float  # summed over the answer's tokens
+    deployed_nll: float
+    runtime_prompt_match: bool | None = None  # the deployed tokenizer renders the same prompt ids (None: unknown)
+
+    @property
+    def identical(self) -> bool:
+        """Greedy decoding of the deployed model gives the reference answer, token for token."""
+        return self.first_divergence is None
+
+
+@dataclass(frozen=True)
+class FidelityLimits:
+    """What the deployed model must keep of the source (see :meth:`violations`).
+
+    Defaults: at most 0.1 nats of mean KLD per answer token, and 95% of the source's top-1 tokens kept. Measured
+    on the tiny FAQ model: healthy INT4 KLD 4e-5 and 100% top-1 (12/12 answers identical); with outlier
+    channels (S=40) INT4 KLD 0.33 and 90% (3/12), so it breaks both. For scale, llama.cpp's good 4-bit
+    quantizations of 7-8B models measure mean KLD 0.03-0.05 and 90-95% "same top p" on running text; a
+    model's own greedy answers are its confident tokens, where agreement runs higher. Answers identical,
+    the maximum KLD and the perplexity ratio are reported but not gated by default: one different token in
+    a long answer, or one uncertain position, is not a drift.
+    """
+
+    min_top1_agreement: float = 0.95
+    max_mean_kld: float = 0.1
+    min_identical_share: float = 0.0
+    max_max_kld: float = math.inf
+    max_perplexity_ratio: float = math.inf
+
+    def violations(self, result: FidelityResult) -> tuple[str, ...]:
+        """One phrase per limit the result breaks (empty: it passes)."""
+        found = []
+        if result.top1_agreement < self.min_top1_agreement:
+            found.append(f"top-1 agreement {result.top1_agreement:.1%} < {self.min_top1_agreement:.1%}")
+        if result.mean_kld > self.max_mean_kld:
+            found.append(f"mean KLD {result.mean_kld:.3g} > {self.max_mean_kld:g}")
+        if result.identical_share < self.min_identical_share:
+            found.append(
+                f"answers identical {result.answers_identical}/{result.total} "
+                f"({result.identical_share:.0%}) < {self.min_identical_share:.0%}"
+            )
+        if result.max_kld > self.max_max_kld:
+            found.append(f"max KLD {result.max_kld:.3g} > {self.max_max_kld:g}")
+        if result.perplexity_ratio > self.max_perplexity_ratio:
+            found.append(f"perplexity ratio {result.perplexity_ratio:.3f} > {self.max_perplexity_ratio:g}")
+        return tuple(found)
+
+
+@dataclass(frozen=True)
+class FidelityResult:
+    """The deployed model against the references, over all prompts."""
+
+    prompts: tuple[PromptFidelity, ...]
+    top1_agreement: float  # share of all answer positions
+    mean_kld: float  # over all answer positions, on the references' top-k support (a lower bound)
+    max_kld: float
+    perplexity_ratio: float  # exp(mean NLL deployed - mean NLL source) of the reference tokens
+    score_seconds: float
+    references_key: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def answers_identical(self) -> int:
+        return sum(p.identical for p in self.prompts)
+
+    @property
+    def total(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def identical_share(self) -> float:
+        return self.answers_identical / self.total if self.total else 1.0
+
+    @property
+    def positions(self) -> int:
+        return sum(p.positions for p in self.prompts)
+
+    def worst(self, n: int = 3) -> list[PromptFidelity]:
+        """The ``n`` prompts with the highest mean KLD, worst first."""
+        return sorted(self.prompts, key=lambda p: (-p.mean_kld, p.index))[:n]
+
+    def summary(self) -> str:
+        return (
+            f"answers identical {self.answers_identical}/{self.total}, top-1 agreement {self.top1_agreement:.1%}, "
+            f"mean KLD {self.mean_kld:.3g}, max KLD {self.max_kld:.3g}, "
+            f"perplexity ratio {self.perplexity_ratio:.3f} ({self.positions} tokens teacher-forced)"
+        )
+
+    def passes(self, limits: FidelityLimits) -> bool:
+        return not limits.violations(self)
+
+    def message(self, limits: FidelityLimits, deployed_answers: Mapping[int, str] | None = None, n: int = 3) -> str:
+        """The failure message: limits broken, the figures, and the worst prompts with both answers."""
+        broken = limits.violations(self)
+        head = (
+            f"the deployed model drifted from its source: {'; '.join(broken)}"
+            if broken
+            else "the deployed model is faithful to its source"
+        )
+        lines = [f"{head} ({self.summary()})"]
+        if broken:
+            lines.append("worst prompts (highest KLD):")
+            for p in self.worst(n):
+                where = "identical" if p.first_divergence is None else f"diverges at token {p.first_divergence}"
+                lines.append(f"  {p.prompt!r}: KLD {p.mean_kld:.3g} (max {p.max_kld:.3g}), {where}")
+                lines.append(f"    source:   {p.reference_answer!r}")
+                if deployed_answers is not None and p.index in deployed_answers:
+                    lines.append(f"    deployed: {deployed_answers[p.index]!r}")
+        mismatched = [p.prompt for p in self.prompts if p.runtime_prompt_match is False]
+        if mismatched:
+            lines.append(
+                f"note: the deployed tokenizer renders {len(mismatched)} prompt(s) to other token ids than the "
+                f"source's (e.g. {mismatched[0]!r}); these figures use the source's ids"
+            )
+        return "\n".join(lines)
+
+
+def _load_model(model_dir: Path) -> Any:
+    import onnxruntime_genai as og
+
+    if not (model_dir / "genai_config.json").is_file():
+        raise FidelityError(f"{model_dir} holds no genai_config.json: not an ONNX Runtime GenAI model")
+    try:
+        return og.Model(str(model_dir))
+    except Exception as exc:  # the native library raises plain RuntimeError
+        raise FidelityError(f"ONNX Runtime GenAI cannot load {model_dir}: {describe(exc)}") from None
+
+
+def _generator(og: Any, model: Any, max_length: int) -> Any:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    return og.Generator(model, params)
+
+
+def _last_logits(generator: Any) -> NDArray[np.float64]:
+    import numpy as np
+
+    logits: NDArray[np.float32] = np.asarray(generator.get_logits(), dtype=np.float32)
+    row: NDArray[np.float64] = logits.reshape(-1, logits.shape[-1])[-1].astype(np.float64)
+    return row
+
+
+def score(
+    model_dir: str | Path, references: References, *, progress: Progress = lambda message: None
+) -> FidelityResult:
+    """Teacher-force the installed model on the reference tokens and compare it with the source, position by position.
+
+    For each prompt: append the prompt ids, read the logits, then append the reference answer one token at a
+    time, reading the logits after each. KLD(source || deployed) is taken on the references' top-k support.
+    """
+    import numpy as np
+    import onnxruntime_genai as og
+
+    start = time.perf_counter()
+    folder = Path(model_dir)
+    model = _load_model(folder)
+    tokenizer = og.Tokenizer(model)
+    offsets = references.offsets
+    rows: list[PromptFidelity] = []
+    all_kld: list[NDArray[np.float64]] = []
+    agreed_total = 0
+    nll_source = 0.0
+    nll_deployed = 0.0
+    progress(f"scoring fidelity on {len(references.answer_ids)} prompts")
+    for i, (prompt_ids, answer) in enumerate(zip(references.prompt_ids, references.answer_ids, strict=True)):
+        generator = _generator(og, model, len(prompt_ids) + len(answer))
+        try:
+            generator.append_tokens(list(prompt_ids))
+            logits = [_last_logits(generator)]
+            for token in answer[:-1]:
+                generator.append_tokens([token])
+                logits.append(_last_logits(generator))
+        except Exception as exc:  # the native library raises plain RuntimeError
+            raise FidelityError(
+                f"{folder}: teacher forcing failed on {references.prompts[i]!r}: {describe(exc)}"
+            ) from None
+        finally:
+            del generator
+        span = slice(offsets[i], offsets[i + 1])
+        stacked = np.stack(logits)
+        if stacked.shape[1] <= int(references.topk_ids[span].max()):
+            raise FidelityError(
+                f"{folder}: vocabulary of {stacked.shape[1]} tokens, but the source's answer uses token ids up to "
+                f"{int(references.topk_ids[span].max())}: the deployed model is not built from this source"
+            )
+        logq = stacked - _logsumexp(stacked)[:, None]
+        kld = _kld(references, span, logq)
+        tokens = np.array(answer, dtype=np.int64)
+        deployed_top = logq.argmax(axis=1)
+        agree = deployed_top == tokens
+        disagree = np.flatnonzero(~agree)
+        source_nll = -float(references.token_logprob[span].astype(np.float64).sum())
+        deployed_nll = -float(logq[np.arange(len(tokens)), tokens].sum())
+        rows.append(
+            PromptFidelity(
+                index=i,
+                prompt=references.prompts[i],
+                reference_answer=references.answer_texts[i],
+                positions=len(tokens),
+                agreed=int(agree.sum()),
+                first_divergence=int(disagree[0]) if disagree.size else None,
+                mean_kld=float(kld.mean()),
+                max_kld=float(kld.max()),
+                reference_nll=source_nll,
+                deployed_nll=deployed_nll,
+                runtime_prompt_match=_runtime_prompt_match(tokenizer, references.messages[i], prompt_ids),
+            )
+        )
+        all_kld.append(kld)
+        agreed_total += int(agree.sum())
+        nll_source += source_nll
+        nll_deployed += deployed_nll
+    klds = np.concatenate(all_kld)
+    positions = int(klds.size)
+    seconds = time.perf_counter() - start
+    progress(f"fidelity scored in {seconds:.1f}s")
+    return FidelityResult(
+        prompts=tuple(rows),
+        top1_agreement=agreed_total / positions,
+        mean_kld=float(klds.mean()),
+        max_kld=float(klds.max()),
+        perplexity_ratio=math.exp((nll_deployed - nll_source) / positions),
+        score_seconds=seconds,
+        references_key=references.key,
+    )
+
+
+def _kld(references: References, span: slice, logq: NDArray[np.float64]) -> NDArray[np.float64]:
+    """KL(source || deployed) per position over the top-k tokens plus one bucket for the rest."""
+    import numpy as np
+
+    ids = references.topk_ids[span].astype(np.int64)
+    logp_top = references.topk_logprobs[span].astype(np.float64)
+    logp_rest = references.rest_logprob[span].astype(np.float64)
+    rows = np.arange(ids.shape[0])[:, None]
+    logq_top = logq[rows, ids]
+    masked = logq.copy()
+    masked[rows, ids] = -np.inf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logq_rest = _logsumexp(masked)
+        top_terms = (np.exp(logp_top) * (logp_top - logq_top)).sum(axis=1)
+        outside = np.isfinite(logp_rest) & np.isfinite(logq_rest)  # no tokens outside the top k: no bucket
+        rest_terms = np.where(outside, np.exp(logp_rest) * (logp_rest - logq_rest), 0.0)
+    # The stored log-probabilities are float32: clamp the rounding's tiny negatives.
+    kld: NDArray[np.float64] = np.maximum(top_terms + rest_terms, 0.0)
+    return kld
+
+
+def _logsumexp(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Row-wise log-sum-exp; a row of only -inf gives -inf."""
+    import numpy as np
+
+    top = x.max(axis=1)
+    finite = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        result: NDArray[np.float64] = finite + np.log(np.exp(x - finite[:, None]).sum(axis=1))
+    return result
+
+
+def _runtime_prompt_match(tokenizer: Any, messages: Sequence[Message], prompt_ids: Sequence[int]) -> bool | None:
+    """Whether the deployed tokenizer, with the installed chat template, makes the same prompt ids."""
+    try:
+        text = tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)
+        ids = [int(t) for t in tokenizer.encode(str(text))]
+    except Exception:  # a template ORT GenAI cannot render: unknown, not a mismatch
+        return None
+    return ids == list(prompt_ids)
+
+
+def deployed_answers(
+    model_dir: str | Path,
+    references: References,
+    indices: Sequence[int] | None = None,
+    *,
+    max_new_tokens: int | None = None,
+) -> dict[int, str]:
+    """The deployed model's own greedy answers (text) to the reference prompt ids, for a failure message."""
+    import onnxruntime_genai as og
+
+    folder = Path(model_dir)
+    model = _load_model(folder)
+    tokenizer = og.Tokenizer(model)
+    config = json.loads((folder / "genai_config.json").read_text())
+    eos = config["model"].get("eos_token_id", [])
+    eos_ids = {int(t) for t in (eos if isinstance(eos, list) else [eos])} | set(references.eos_token_ids)
+    limit = max_new_tokens or references.max_new_tokens
+    chosen = range(len(references.prompt_ids)) if indices is None else indices
+    answers: dict[int, str] = {}
+    for i in chosen:
+        prompt_ids = references.prompt_ids[i]
+        generator = _generator(og, model, len(prompt_ids) + limit)
+        new: list[int] = []
+        try:
+            generator.append_tokens(list(prompt_ids))
+            while not generator.is_done() and len(new) < limit:
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in eos_ids:
+                    break
+                new.append(token)
+        except Exception as exc:  # the native library raises plain RuntimeError
+            raise FidelityError(f"{folder}: generation failed on {references.prompts[i]!r}: {describe(exc)}") from None
+        finally:
+            del generator
+        answers[i] = str(tokenizer.decode(new)) if new else ""
+    return answers
