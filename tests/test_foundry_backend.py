@@ -32,7 +32,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def _derive(entry: Path, target: Path, *, config: Mapping[str, object], template: str | None = None) -> Path:
     """A copy of an installed entry with tokenizer_config.json keys (and the chat template) replaced."""
-    if not target.exists():
+    manifest = "slmdeploy_manifest.json"
+    if not target.exists() or (target / manifest).read_bytes() != (entry / manifest).read_bytes():
+        shutil.rmtree(target, ignore_errors=True)  # a copy of an earlier build
         shutil.copytree(entry, target)
         tokenizer_config = json.loads((target / "tokenizer_config.json").read_text()) | config
         (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
@@ -50,6 +52,38 @@ TODAY = datetime.now().strftime("%d %b %Y")
 DATED_TEMPLATE = (
     "{{ bos_token }}{% if strftime_now('%d %b %Y') == '" + TODAY + "' %}" + "Today is the day. " * 12 + "{% endif %}"
 ) + CHATML_TEMPLATE
+
+
+def _metaspace_entry(entry: Path, target: Path) -> Path:
+    """The entry with a small SentencePiece-style tokenizer as Mistral v0.3 has it: Metaspace, prepend "first"."""
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+    pieces = ["\u2581", "H", "i", "h", "o", "w", "\u2581H", "\u2581Hi", "\u2581w", "ho", "\u2581who"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    merges = [["\u2581", "H"], ["\u2581H", "i"], ["\u2581", "w"], ["h", "o"], ["\u2581w", "ho"]]
+    space = {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+        "added_tokens": [
+            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": True}
+            for i, t in enumerate(specials)
+        ],
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False},
+        "decoder": {"type": "Sequence", "decoders": [space, {"type": "ByteFallback"}, {"type": "Fuse"},
+                                                      {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }  # fmt: skip
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
+        "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    )
+    target = _derive(
+        entry, target, config={"bos_token": "<s>", "eos_token": "</s>", "legacy": False}, template=template
+    )
+    (target / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +104,7 @@ def entries(tiny_model: Path, leaky_template_model: Path, tmp_path_factory: pyte
             "faq-llama3-style": _derive(faq, custom / "faq-llama3-style", config=LLAMA3_STYLE),
             "leaky-llama3-style": _derive(leaky, custom / "leaky-llama3-style", config=LLAMA3_STYLE),
             "dated-bos": _derive(faq, custom / "dated-bos", config=bos, template=DATED_TEMPLATE),
+            "metaspace": _metaspace_entry(faq, custom / "metaspace"),
         }
 
 
@@ -158,6 +193,31 @@ def test_prompt_tokens_agree_with_the_sdk_and_with_ort(
         assert 0 not in first[1:]
 
 
+def test_a_metaspace_tokenizer_encodes_as_the_sdk_does(open_pair: dict[str, tuple[SlmModel, SlmModel]]) -> None:
+    """ORT GenAI puts "▁" before every text segment between special tokens; tokenizers' Metaspace "first" only
+    before the text's start, and never before a space."""
+    from tokenizers import Tokenizer
+
+    ort, foundry = open_pair["metaspace"]
+    backend = _foundry(open_pair["metaspace"])
+    plain = Tokenizer.from_file(str(backend.entry.entry_dir / "tokenizer.json"))
+    for text in ("Hi", " Hi", "[INST] Hi [/INST]", "<s>[INST]Hi[/INST] Hi</s>", "Hi  who"):
+        assert backend.encode(text) == ort.backend.encode(text)  # type: ignore[attr-defined]
+    assert plain.encode("[INST] Hi", add_special_tokens=False).tokens == ["[INST]", "\u2581Hi"]
+    assert backend.encode("[INST] Hi") == [3, plain.token_to_id("\u2581"), plain.token_to_id("\u2581Hi")]
+    for messages in (
+        [{"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": " Hi who"},
+            {"role": "assistant", "content": "Hi"},
+            {"role": "user", "content": "who"},
+        ],
+    ):
+        rendered = backend.render(messages)
+        assert backend.encode(rendered) == ort.backend.encode(rendered)  # type: ignore[attr-defined]
+        assert len(backend.encode(rendered)) == foundry.generate(messages, max_new_tokens=1).prompt_tokens
+
+
 def test_the_ort_attributes(open_pair: dict[str, tuple[SlmModel, SlmModel]]) -> None:
     ort, _ = open_pair["faq"]
     backend = _foundry(open_pair["faq"])
@@ -241,6 +301,48 @@ def test_an_empty_answer_stays_empty(silent_on_long_model: Path, entries: dict[s
         assert (raw.pieces, raw.new_tokens) == (("  ",), 0)
         assert _outcome(foundry, prompt, max_new_tokens=16) == _outcome(ort, prompt, max_new_tokens=16)
         assert foundry.generate(prompt, max_new_tokens=16).text == ""
+    finally:
+        ort.close()
+        foundry.close()
+
+
+# -- the published families (tinyfamilies): their templates and tokenizers ------------------------------------
+@pytest.mark.parametrize("key", ["llama3", "mistral", "phi3", "gemma2"])
+def test_each_family_gives_the_same_prompt_and_answers(
+    request: pytest.FixtureRequest, entries: dict[str, Path], key: str
+) -> None:
+    """Llama 3 (specials written as spaces), Mistral v0.3 (Metaspace), Phi-3 (prepending normalizer), Gemma 2."""
+    from pytest_slmdeploy.deploy import deploy, prepare
+    from pytest_slmdeploy.errors import RuntimeBackendError
+    from pytest_slmdeploy.settings import Settings
+
+    try:
+        family_models = request.getfixturevalue("family_models")
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the tiny family models (the family_models fixture)")
+    root, model = entries["faq"].parent.parent, family_models(key)
+    with FileLock(str(root) + ".lock"):
+        entry = deploy(prepare(Settings(model=model, cache_dir=root, name=f"family-{key}"))).entry_dir
+    ort, foundry = (open_model(b, entry, cache_root=root, model_name=entry.name) for b in ("ort-genai", "foundry"))
+    backend = _foundry((ort, foundry))
+    try:
+        for messages in CONVERSATIONS:
+            try:
+                rendered = backend.render(messages)
+            except RuntimeBackendError:  # Gemma 2 has no system role: ORT GenAI refuses the same conversation
+                with pytest.raises(RuntimeBackendError, match="refused"):
+                    ort.backend.render(messages)  # type: ignore[attr-defined]
+                continue
+            assert rendered == ort.backend.render(messages)  # type: ignore[attr-defined]
+            ids = backend.encode(rendered)
+            assert ids == ort.backend.encode(rendered)  # type: ignore[attr-defined]
+            assert len(ids) == foundry.generate(messages, max_new_tokens=1).prompt_tokens
+        for question, _ in FAQ:
+            for options in ({"max_new_tokens": 48}, {"max_new_tokens": 24, "min_new_tokens": 24}):
+                got, want = _outcome(foundry, question, **options), _outcome(ort, question, **options)
+                if "min_new_tokens" in options:  # ids are rebuilt only from the text: no special tokens to find
+                    got, want = got[:-1], want[:-1]
+                assert got == want, f"{key}: {question!r} {options}"
     finally:
         ort.close()
         foundry.close()

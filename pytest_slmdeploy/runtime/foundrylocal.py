@@ -243,7 +243,7 @@ class EntryText:
         self.entry_dir = entry_dir
         tokenizer_json = read("tokenizer.json")
         try:
-            self.tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
+            self.tokenizer = Tokenizer.from_str(json.dumps(_as_ort_genai_encodes(tokenizer_json)))
         except Exception as exc:  # tokenizers raises a plain Exception from Rust
             raise RuntimeBackendError(f"{entry_dir / 'tokenizer.json'} cannot be loaded: {exc}") from None
         try:
@@ -287,7 +287,9 @@ class EntryText:
 
     def piece_ids(self, piece: str) -> list[int]:
         """The token that wrote a streamed piece, when the piece is one vocabulary token; else its encoding."""
-        token = "".join(_byte_chars()[b] for b in piece.encode("utf-8")) if self.byte_level else piece
+        # Byte-level BPE writes each byte as a printable stand-in; SentencePiece-style vocabularies a space as "▁".
+        byte_level = "".join(_byte_chars()[b] for b in piece.encode("utf-8"))
+        token = byte_level if self.byte_level else piece.replace(" ", "\u2581")
         found = self.tokenizer.token_to_id(token)
         return [int(found)] if found is not None and found not in self.special_ids else self.encode(piece)
 
@@ -325,6 +327,26 @@ class EntryText:
         if not self.maskable_special_ids:
             return False
         return new_tokens > len(pieces) or (self.specials_write_space and any(p in LONE_SPACES for p in pieces))
+
+
+def _as_ort_genai_encodes(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer.json changed to encode as ORT GenAI (and so the SDK) does, where the two differ.
+
+    A Metaspace pre-tokenizer that prepends "▁" ("first"/"always", Mistral v0.3): ORT GenAI puts "▁" before
+    every text segment between special tokens, even one starting with a space ("[INST] Hi" gives "▁", "▁Hi");
+    tokenizers only before the text's start, and not before a space. A normalizer that always prepends, as
+    Phi-3's tokenizer.json has, encodes as ORT GenAI does (measured on the tiny Mistral v0.3 family).
+    """
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") != "Metaspace" or pre.get("prepend_scheme") == "never" or pre.get("split", False):
+        return tokenizer_json
+    replacement = str(pre.get("replacement", "\u2581"))
+    normalizers = [tokenizer_json["normalizer"]] if tokenizer_json.get("normalizer") else []
+    normalizers += [
+        {"type": "Prepend", "prepend": replacement},
+        {"type": "Replace", "pattern": {"String": " "}, "content": replacement},
+    ]
+    return {**tokenizer_json, "pre_tokenizer": None, "normalizer": {"type": "Sequence", "normalizers": normalizers}}
 
 
 @cache
