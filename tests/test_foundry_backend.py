@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from pytest_slmdeploy.checklist import format as fmt
 from pytest_slmdeploy.checklist.lengths import prompt_of_tokens
-from pytest_slmdeploy.errors import ContextOverflowError
+from pytest_slmdeploy.errors import ContextOverflowError, EmptyPromptError, RuntimeBackendError
 from pytest_slmdeploy.foundry import model_config
 from pytest_slmdeploy.runtime import SlmModel, open_model
 from pytest_slmdeploy.runtime.foundrylocal import FoundryLocalBackend
@@ -247,6 +247,22 @@ def test_a_prompt_over_the_context_is_the_documented_error(open_pair: dict[str, 
         foundry.generate(prompt + " and more words to overflow", max_new_tokens=4)
 
 
+def test_what_the_sdk_refuses_or_cuts(open_pair: dict[str, tuple[SlmModel, SlmModel]]) -> None:
+    _, foundry = open_pair["faq"]
+    backend = _foundry(open_pair["faq"])
+    for empty in ("", "\x00text after a NUL"):
+        with pytest.raises(EmptyPromptError, match="nothing to generate from"):
+            foundry.generate(empty)
+    assert foundry.generate(" ", max_new_tokens=2).prompt_tokens > 0  # white space is text
+    prompt = "Hi\x00there and more words"  # C strings: the SDK reads "Hi"
+    assert backend.render(prompt) == backend.render("Hi")
+    assert len(backend.encode(backend.render(prompt))) == foundry.generate(prompt, max_new_tokens=1).prompt_tokens
+    hottest = {"do_sample": True, "seed": 1, "max_new_tokens": 4, "temperature": backend.max_temperature}
+    assert foundry.generate("Hello", **hottest).new_tokens > 0  # type: ignore[arg-type]
+    with pytest.raises(RuntimeBackendError, match=r"temperature must be in the range \[0.0, 2.0\]"):
+        foundry.generate("Hello", **{**hottest, "temperature": backend.max_temperature + 0.5})  # type: ignore[arg-type]
+
+
 # -- 3. special tokens the SDK's text hides --------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["leaky", "leaky-llama3-style"])
 def test_a_leaked_special_token_is_found(open_pair: dict[str, tuple[SlmModel, SlmModel]], key: str) -> None:
@@ -313,7 +329,6 @@ def test_each_family_gives_the_same_prompt_and_answers(
 ) -> None:
     """Llama 3 (specials written as spaces), Mistral v0.3 (Metaspace), Phi-3 (prepending normalizer), Gemma 2."""
     from pytest_slmdeploy.deploy import deploy, prepare
-    from pytest_slmdeploy.errors import RuntimeBackendError
     from pytest_slmdeploy.settings import Settings
 
     try:

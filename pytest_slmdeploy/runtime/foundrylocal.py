@@ -26,6 +26,10 @@ generation contract of :mod:`.ortgenai` on top of that (all measured with foundr
   tokens masked (guidance): a greedy answer changes exactly when a masked token was on its path. A replay
   runs only when the pieces cannot account for every token the SDK counted (a hidden special token writes no
   piece) or hold a lone space a special token may have written; never for sampled or fixed-length answers.
+* **What the SDK refuses or cuts.** Message text goes to the SDK as C strings, so it ends at a NUL: both the
+  request and ``render`` cut each message there. A request with nothing to generate from (no message text
+  and no conversation to continue, e.g. one empty user message) is refused: that is
+  :class:`~pytest_slmdeploy.errors.EmptyPromptError`. The SDK takes temperatures up to 2.0 (``max_temperature``).
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from pytest_slmdeploy.errors import ContextOverflowError, RuntimeBackendError, first_line
+from pytest_slmdeploy.errors import ContextOverflowError, EmptyPromptError, RuntimeBackendError, first_line
 from pytest_slmdeploy.foundry import FoundryRegistration, register
-from pytest_slmdeploy.runtime.protocol import Generation, GenerationOptions, PromptInput, as_messages
+from pytest_slmdeploy.runtime.protocol import Generation, GenerationOptions, PromptInput
+from pytest_slmdeploy.runtime.protocol import as_messages as checked_messages
 
 LONE_SPACES = (" ", "  ")  # what the streaming decoder writes for a special token with clean_up_tokenization_spaces
 
@@ -50,6 +55,7 @@ class FoundryLocalBackend:
     """Registers the installed entry (idempotently), loads it and chats through ``ChatSession``."""
 
     name = "foundry"
+    max_temperature = 2.0  # the SDK refuses more: "temperature must be in the range [0.0, 2.0]"
 
     def __init__(self, model_dir: Path, *, cache_root: Path, model_name: str) -> None:
         from foundry_local_sdk.exception import FoundryLocalException
@@ -102,7 +108,13 @@ class FoundryLocalBackend:
                         del pieces[at], ids[at]  # the space the special token wrote: ORT GenAI writes nothing
                     ids.insert(at, [special])
         except fl.FoundryLocalException as exc:
-            raise RuntimeBackendError(f"Foundry Local failed to generate: {first_line(str(exc))}") from None
+            reason = first_line(str(exc))
+            if "nothing to generate from" in reason:
+                raise EmptyPromptError(
+                    "Foundry Local refuses a request that has nothing to generate from "
+                    "(no message text and no conversation to continue)"
+                ) from None
+            raise RuntimeBackendError(f"Foundry Local failed to generate: {reason}") from None
         return Generation(
             text="".join(pieces),
             prompt_tokens=run.prompt_tokens,
@@ -356,6 +368,11 @@ def _byte_chars() -> tuple[str, ...]:
     others = [b for b in range(256) if b not in printable]
     table = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
     return tuple(table[b] for b in range(256))
+
+
+def as_messages(prompt: PromptInput, system: str | None = None) -> list[dict[str, str]]:
+    """The checked messages as the SDK receives them: each text ends at its first NUL (C strings)."""
+    return [{**m, "content": m["content"].split("\x00", 1)[0]} for m in checked_messages(prompt, system)]
 
 
 def _token_set(ids: Sequence[int], *, exclude: bool) -> str:
