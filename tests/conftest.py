@@ -96,3 +96,25 @@ def silent_on_long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     extra = tuple((filler_words(n), "That is a pangram.") for n in (3, 8, 16, 30))
     extra += tuple((filler_words(n), "") for n in (60, 110))
     return _shared_model(tmp_path_factory, "silent-on-long", TinyModelSpec(extra_pairs=extra))
+
+
+class FamilyModels:
+    """``family_models("llama3")``: a tiny model of a published family (see tinyfamilies) answering the FAQ
+    and the suite's generic prompts; trained once per run and recipe, and shared by xdist workers."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        from pytest_slmdeploy import tinyfamilies
+
+        self._factory = tmp_path_factory
+        self._families = hashlib.sha256(Path(tinyfamilies.__file__).read_bytes()).hexdigest()[:8]
+
+    def __call__(self, key: str, **overrides: object) -> Path:
+        from pytest_slmdeploy.tinymodel import family_spec
+
+        return _shared_model(self._factory, f"family-{key}-{self._families}", family_spec(key, **overrides))
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> FamilyModels:
+    """Factory of trained family models: ``family_models("gemma2")`` is the folder of a Gemma 2 model."""
+    return FamilyModels(tmp_path_factory)
