@@ -1,0 +1,85 @@
+"""Deploy a tiny model of each published family and run the built-in suite through both backends.
+
+    .venv/bin/python scripts/families_table.py [--out docs/families-table.md] [FAMILY ...]
+
+Trains each family's tiny FAQ model (pytest_slmdeploy.tinyfamilies), then runs
+``pytest --slm-model`` on it once per backend (ORT GenAI, then the Foundry SDK,
+which reuses the build) and prints one Markdown row per family: build seconds,
+PromptTemplate's parts and notes, built-in suite n/m and FAQ n/12 per backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pytest_slmdeploy.tinyfamilies import FAMILIES
+from pytest_slmdeploy.tinymodel import FAQ, family_spec, make_tiny_chat_model
+
+BACKENDS = ("ort-genai", "foundry")
+
+
+def run_suite(model: Path, cache: Path, backend: str, workdir: Path) -> dict[str, object]:
+    report = workdir / f"report-{backend}.json"
+    command = [
+        sys.executable, "-m", "pytest", f"--slm-model={model}", f"--slm-cache={cache}", f"--slm-backend={backend}",
+        f"--slm-report={report}", "-p", "no:cacheprovider", "-q", "--rootdir", str(workdir),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False)
+    data: dict[str, object] = json.loads(report.read_text())
+    data["wall_s"] = round(time.perf_counter() - started, 1)
+    return data
+
+
+def counts(report: dict[str, object]) -> tuple[str, str]:
+    families = {row["family"]: row for row in report["families"]}  # type: ignore[attr-defined]
+    passed = sum(row["passed"] for row in families.values())
+    total = sum(row["passed"] + row["failed"] for row in families.values())
+    domain = families.get("domain", {"passed": 0})
+    return f"{passed}/{total}", f"{domain['passed']}/{len(FAQ)}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    header = (
+        "| family | train s | build s | PromptTemplate parts | suite ORT GenAI | FAQ ORT GenAI "
+        "| suite Foundry | FAQ Foundry | notes |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.families:
+            workdir = Path(tmp) / key
+            workdir.mkdir()
+            started = time.perf_counter()
+            model = make_tiny_chat_model(workdir / f"tiny-{key}", family_spec(key))
+            train_s = time.perf_counter() - started
+            cache = workdir / "cache"
+            reports = {backend: run_suite(model, cache, backend, workdir) for backend in BACKENDS}
+            entry = next((cache / "custom").iterdir())
+            parts = json.loads((entry / "inference_model.json").read_text())["PromptTemplate"]
+            build_s = reports["ort-genai"]["model"].get("build_s", "?")  # type: ignore[attr-defined]
+            notes = "; ".join(n.removeprefix("PromptTemplate: ") for n in reports["ort-genai"]["notes"])  # type: ignore[attr-defined]
+            cells = [key, f"{train_s:.1f}", str(build_s), ", ".join(parts)]
+            for backend in BACKENDS:
+                cells += counts(reports[backend])
+            cells.append(notes or "-")
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
