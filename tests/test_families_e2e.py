@@ -106,3 +106,28 @@ def test_prompt_template_gives_the_chat_templates_token_ids(
         ]
     else:
         assert runtime == expected, "ONNX Runtime GenAI tokenizes the prompt otherwise"
+
+
+def test_replacing_the_models_own_template_is_noted(family_models: Any, tmp_path: Path) -> None:
+    from pytest_slmdeploy import deploy
+    from pytest_slmdeploy.settings import Settings
+
+    own = deploy.prepare(Settings(model=family_models("phi3"), cache_dir=tmp_path))
+    assert not any("replaces" in note for note in own.notes)
+    replaced = deploy.prepare(Settings(model=family_models("phi3"), cache_dir=tmp_path, chat_template="chatml"))
+    assert replaced.notes[0].startswith("--slm-chat-template chatml replaces the model's own chat template")
+    assert replaced.prompt_template.parts["prompt"].startswith("<|im_start|>user")
+
+
+def test_notes_reach_the_json_report_and_the_summary(
+    pytester: pytest.Pytester, family_models: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    model = family_models("gemma2")
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess(
+        f"--slm-model={model}", f"--slm-cache={_cache(tmp_path_factory, 'gemma2')}", f"--slm-report={report}",
+        "-k", "test_model_loads_and_answers", "-p", "no:cacheprovider",
+    )  # fmt: skip
+    result.stdout.fnmatch_lines(["*note: PromptTemplate: system messages: the chat template refuses them*"])
+    notes = json.loads(report.read_text())["notes"]
+    assert any("System role not supported" in note for note in notes), notes
