@@ -3,6 +3,10 @@
 Each family copies, verbatim, what the published instruct model ships (its
 ``tokenizer_config.json`` chat template, special tokens, BOS/EOS settings and
 ``generation_config.json`` stop tokens) on the real transformers architecture,
+with the special tokens where its ``tokenizer.json`` has them: the first ids of
+the BPE vocabulary, or added tokens after it (Llama 3, Qwen2.5, Phi-3's chat
+tokens; with Llama 3's ``clean_up_tokenization_spaces`` that placement decides
+what ONNX Runtime GenAI's streaming decoder writes for them),
 so a tiny model trained in seconds meets the same template and tokenizer code
 paths as the real one. :func:`pytest_slmdeploy.tinymodel.make_tiny_chat_model`
 builds them; ``chatml`` is the plain ChatML Qwen2 model tests always used.
@@ -325,6 +329,24 @@ SMOLLM2_TEMPLATE = (
 )
 
 
+# Llama 3.1/3.2's 256 special tokens, added after its 128,000 BPE tokens: <|begin_of_text|> is 128000,
+# <|eot_id|> 128009, the last reserved one 128255 (tokenizer.json "added_tokens").
+LLAMA3_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(3, 248)),
+)
+
+
 @dataclass(frozen=True)
 class Family:
     """One published chat-model family, copied onto a tiny model (tokens are given as text)."""
@@ -335,7 +357,7 @@ class Family:
     config_class: str
     chat_template: str
     tokenizer: TokenizerKind
-    special_tokens: tuple[str, ...]  # the first ids of the vocabulary, in this order
+    special_tokens: tuple[str, ...]  # every special token, in the order of their ids
     bos_token: str | None
     eos_token: str  # tokenizer_config.json's
     pad_token: str | None
@@ -345,6 +367,9 @@ class Family:
     config_bos: str | None  # config.json's bos/eos/pad ids
     config_eos: tuple[str, ...]
     config_pad: str | None
+    # How many of special_tokens are the first ids of the vocabulary (None: all of them); the rest are added
+    # tokens appended after the BPE vocabulary, outside it, as the published tokenizer.json has them.
+    in_vocab: int | None = None
     bos_in_post_processor: bool = False  # tokenizer.json adds the BOS when special tokens are added
     split_pattern: str | None = None  # byte-level: the regex split before ByteLevel (None: GPT-2's own)
     split_digits: bool = False  # byte-level: every digit its own piece (SmolLM2)
@@ -395,6 +420,7 @@ FAMILIES: dict[str, Family] = {
             config_bos="<|endoftext|>",
             config_eos=("<|im_end|>",),
             config_pad=None,
+            in_vocab=0,  # added after the 151,643 BPE tokens: <|endoftext|> is 151643, <|im_end|> 151645
             split_pattern=QWEN2_SPLIT,
             nfc=True,
             tokenizer_config={
@@ -419,14 +445,7 @@ FAMILIES: dict[str, Family] = {
             config_class="LlamaConfig",
             chat_template=LLAMA32_TEMPLATE,
             tokenizer="byte-level",
-            special_tokens=(
-                "<|begin_of_text|>",
-                "<|end_of_text|>",
-                "<|start_header_id|>",
-                "<|end_header_id|>",
-                "<|eom_id|>",
-                "<|eot_id|>",
-            ),
+            special_tokens=LLAMA3_SPECIALS,
             bos_token="<|begin_of_text|>",
             eos_token="<|eot_id|>",
             pad_token=None,
@@ -436,6 +455,7 @@ FAMILIES: dict[str, Family] = {
             config_bos="<|begin_of_text|>",
             config_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
             config_pad=None,
+            in_vocab=0,  # all 256 added after the 128,000 BPE tokens: <|begin_of_text|> is 128000
             bos_in_post_processor=True,
             split_pattern=LLAMA3_SPLIT,
             dated=True,
@@ -470,8 +490,14 @@ FAMILIES: dict[str, Family] = {
                 "</s>",
                 "<|endoftext|>",
                 "<|assistant|>",
+                "<|placeholder1|>",
+                "<|placeholder2|>",
+                "<|placeholder3|>",
+                "<|placeholder4|>",
                 "<|system|>",
                 "<|end|>",
+                "<|placeholder5|>",
+                "<|placeholder6|>",
                 "<|user|>",
             ),
             bos_token="<s>",
@@ -483,6 +509,7 @@ FAMILIES: dict[str, Family] = {
             config_bos="<s>",
             config_eos=("<|endoftext|>",),
             config_pad="<|endoftext|>",
+            in_vocab=3,  # the chat tokens are added after the 32,000 SentencePiece ones: <|endoftext|> is 32000
             space_style="legacy",
             tokenizer_config={
                 **_SP_CONFIG,

@@ -12,6 +12,7 @@ default is a ChatML Qwen2 model; ``family`` picks a published family instead
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -338,12 +339,15 @@ def _family_tokenizer(fam: Family, corpus: Sequence[str], vocab_size: int) -> An
     """A tokenizer trained on ``corpus``, with the family's kind of tokenizer.json pipeline."""
     from tokenizers import AddedToken, processors
 
+    leading, appended = _split_specials(fam)
+    corpus = _cut_at(corpus, appended)  # the BPE learns nothing from the text of tokens outside it
     if fam.tokenizer == "byte-level":
-        tok = _byte_level_tokenizer(fam, corpus, vocab_size)
+        tok = _byte_level_tokenizer(fam, corpus, vocab_size, leading)
         post: list[Any] = [processors.ByteLevel(trim_offsets=False)]
     else:
-        tok = _sentencepiece_tokenizer(fam, corpus, vocab_size)
+        tok = _sentencepiece_tokenizer(fam, corpus, vocab_size, leading)
         post = []
+    # Special tokens the BPE vocabulary holds keep their ids; the others are appended after it, in order.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in fam.special_tokens])
     if fam.bos_token is not None and fam.bos_in_post_processor:
         bos = fam.bos_token
@@ -358,7 +362,21 @@ def _family_tokenizer(fam: Family, corpus: Sequence[str], vocab_size: int) -> An
     return tok
 
 
-def _byte_level_tokenizer(fam: Family, corpus: Sequence[str], vocab_size: int) -> Any:
+def _split_specials(fam: Family) -> tuple[list[str], list[str]]:
+    """The family's special tokens that lead the BPE vocabulary, and those added after it."""
+    cut = len(fam.special_tokens) if fam.in_vocab is None else fam.in_vocab
+    return list(fam.special_tokens[:cut]), list(fam.special_tokens[cut:])
+
+
+def _cut_at(texts: Sequence[str], tokens: Sequence[str]) -> list[str]:
+    """The texts cut at each of ``tokens``, as a tokenizer that holds them as added tokens encodes them."""
+    if not tokens:
+        return list(texts)
+    token = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+    return [part for text in texts for part in token.split(text) if part]
+
+
+def _byte_level_tokenizer(fam: Family, corpus: Sequence[str], vocab_size: int, specials: list[str]) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -373,18 +391,15 @@ def _byte_level_tokenizer(fam: Family, corpus: Sequence[str], vocab_size: int) -
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(fam.special_tokens), initial_alphabet=alphabet
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
     tok.train_from_iterator(corpus, trainer)
     return tok
 
 
-def _sentencepiece_tokenizer(fam: Family, corpus: Sequence[str], vocab_size: int) -> Any:
+def _sentencepiece_tokenizer(fam: Family, corpus: Sequence[str], vocab_size: int, specials: list[str]) -> Any:
     """SentencePiece-style BPE: "▁" for spaces, byte tokens <0x00>..<0xFF> for anything out of vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    specials = list(fam.special_tokens)
     learner = Tokenizer(models.BPE(unk_token=fam.unk_token, byte_fallback=True, fuse_unk=True))
     # Pieces never join letters, digits and punctuation, as SentencePiece splits by script and digit; with such
     # merges ONNX Runtime GenAI (which splits there first) would tokenize otherwise than transformers.

@@ -46,6 +46,36 @@ PROMPTS = {
     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
 }
 
+# Where each published tokenizer.json puts the special tokens: ids inside the BPE vocabulary, and offsets from
+# its size of those added after it (Llama 3.2: 128,000 BPE tokens, so <|eot_id|> is 128009; Qwen2.5: 151,643,
+# <|im_end|> is 151645; Phi-3.5: 32,000 SentencePiece tokens, <|end|> is 32007). Gemma 2, Mistral v0.3 and
+# SmolLM2 keep theirs inside the vocabulary.
+INSIDE_AND_ADDED: dict[str, tuple[dict[str, int], dict[str, int]]] = {
+    "chatml": ({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}, {}),
+    "qwen2.5": ({}, {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}),
+    "llama3": (
+        {},
+        {
+            "<|begin_of_text|>": 0,
+            "<|end_of_text|>": 1,
+            "<|finetune_right_pad_id|>": 4,
+            "<|start_header_id|>": 6,
+            "<|end_header_id|>": 7,
+            "<|eom_id|>": 8,
+            "<|eot_id|>": 9,
+            "<|python_tag|>": 10,
+            "<|reserved_special_token_247|>": 255,
+        },
+    ),
+    "phi3": (
+        {"<unk>": 0, "<s>": 1, "</s>": 2},
+        {"<|endoftext|>": 0, "<|assistant|>": 1, "<|system|>": 6, "<|end|>": 7, "<|user|>": 10},
+    ),
+    "gemma2": ({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}, {}),
+    "mistral": ({"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4}, {}),
+    "smollm2": ({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}, {}),
+}
+
 CONVERSATIONS: dict[str, list[dict[str, str]]] = {
     "user": [{"role": "user", "content": "Where is the office?"}],
     "system-user": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is the office?"}],
@@ -101,6 +131,50 @@ def test_generic_prompts_get_clean_answers() -> None:
 def test_user_only_prompt(tokenizers: dict[str, Path], key: str) -> None:
     tokenizer = hf_tokenizer(tokenizers[key])
     assert render_prompt(tokenizer, "Hi", "26 Jul 2024" if family(key).dated else None) == PROMPTS[key]
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_special_tokens_sit_where_the_published_ones_do(tokenizers: dict[str, Path], key: str) -> None:
+    """Inside the BPE vocabulary, or added after it in the published order; config.json's ids follow."""
+    inside, added = INSIDE_AND_ADDED[key]
+    fam = family(key)
+    saved = json.loads((tokenizers[key] / "tokenizer.json").read_text())
+    vocab = saved["model"]["vocab"]
+    ids = {token["content"]: token["id"] for token in saved["added_tokens"]}
+    assert list(ids) == list(fam.special_tokens)
+    assert {token: vocab.get(token) for token in inside} == inside
+    assert {token: ids[token] - len(vocab) for token in added} == added
+    outside = [token for token in fam.special_tokens if token not in vocab]
+    assert [ids[token] for token in outside] == list(range(len(vocab), len(vocab) + len(outside)))
+    decoder = json.loads((tokenizers[key] / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {entry["content"]: int(i) for i, entry in decoder.items()} == ids
+    config = json.loads((tokenizers[key] / "config.json").read_text())
+    assert config["vocab_size"] == len(vocab) + len(outside)
+    ends = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]
+    assert ends == [ids[token] for token in fam.config_eos]
+    assert config["bos_token_id"] == (ids[fam.config_bos] if fam.config_bos else None)
+    if key == "llama3":  # as published: 128,000 + 256 tokens, bos 128000, eos [128001, 128008, 128009]
+        assert len(outside) == 256
+        assert not inside
+        assert (config["bos_token_id"], ends) == (len(vocab), [len(vocab) + 1, len(vocab) + 8, len(vocab) + 9])
+
+
+def test_llama3_end_tokens_take_the_streaming_decoders_space_path(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    """Llama 3's end tokens are outside the BPE vocabulary and clean_up_tokenization_spaces is true, so ONNX
+    Runtime GenAI's streaming decoder (and so Foundry Local's text) writes each as " ": the Foundry backend
+    drops that piece. With the specials inside the vocabulary the tokenizer_config eos_token would write none."""
+    import shutil
+
+    from pytest_slmdeploy.runtime.foundrylocal import EntryText
+
+    entry = Path(shutil.copytree(tokenizers["llama3"], tmp_path / "entry"))
+    config = json.loads((entry / "config.json").read_text())
+    genai = {"context_length": 512, "eos_token_id": config["eos_token_id"], "vocab_size": config["vocab_size"]}
+    (entry / "genai_config.json").write_text(json.dumps({"model": genai}))
+    text = EntryText(entry)
+    assert text.tokenizer_config["clean_up_tokenization_spaces"] is True
+    assert text.specials_write_space
+    assert text.end_piece == ("  ", " ")
 
 
 @pytest.mark.parametrize("conversation", list(CONVERSATIONS))
