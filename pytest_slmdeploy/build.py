@@ -65,7 +65,16 @@ def olive_passes(source: SourceModel, precision: str) -> dict[str, Any]:
         # ModelBuilder's own int8 raises KeyError on CPU: build fp32, then quantize weights to int8.
         return {
             "builder": {"type": "ModelBuilder", "precision": "fp32"},
-            "int8": {"type": "OnnxDynamicQuantization", "weight_type": "QInt8"},
+            "int8": {
+                "type": "OnnxDynamicQuantization",
+                "precision": "int8",
+                # A scale per output channel, so outlier weights do not coarsen a whole tensor; 7-bit weights,
+                # so the u8 x s8 pairwise sums of x86 CPUs without VNNI do not saturate (8-bit per-channel was
+                # less faithful than per-tensor there). Measured against per-tensor (issue 12): mean KLD 5x
+                # lower on the tiny outlier model, 35x on the healthy one; same size and decode speed at 0.5B.
+                "per_channel": True,
+                "reduce_range": True,
+            },
         }
     if precision == "fp32":
         return {"builder": {"type": "ModelBuilder", "precision": "fp32"}}

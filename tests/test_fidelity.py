@@ -54,22 +54,29 @@ def outlier(tiny_model: Path, fidelity_root: Path) -> OutlierReport:
     )
 
 
-def _int4(model: Path, cache: Path, name: str) -> Path:
+def _build(model: Path, cache: Path, name: str, precision: str = "int4") -> Path:
     from pytest_slmdeploy.deploy import deploy, prepare
     from pytest_slmdeploy.settings import Settings
 
     with FileLock(str(cache) + ".lock"):
-        return deploy(prepare(Settings(model=model, cache_dir=cache, name=name))).entry_dir
+        return deploy(prepare(Settings(model=model, cache_dir=cache, name=name, precision=precision))).entry_dir
 
 
 @pytest.fixture(scope="session")
 def healthy_int4(tiny_model: Path, warm_cache: Path) -> Path:
-    return _int4(tiny_model, warm_cache, "faq-int4")  # conftest's warm cache already holds it
+    return _build(tiny_model, warm_cache, "faq-int4")  # conftest's warm cache already holds it
 
 
 @pytest.fixture(scope="session")
 def outlier_int4(outlier: OutlierReport, fidelity_root: Path) -> Path:
-    return _int4(outlier.out_dir, fidelity_root / "cache", "outlier-int4")
+    return _build(outlier.out_dir, fidelity_root / "cache", "outlier-int4")
+
+
+@pytest.fixture(scope="session")
+def outlier_refs(outlier: OutlierReport, fidelity_root: Path) -> References:
+    return fidelity.compute_references(
+        outlier.out_dir, PROMPTS, max_new_tokens=MAX_NEW_TOKENS, cache_dir=fidelity_root / "cache"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -109,10 +116,8 @@ def test_healthy_int4_is_faithful(healthy_int4: Path, healthy_refs: References) 
     assert all(p.runtime_prompt_match for p in result.prompts)
 
 
-def test_outlier_int4_drifts(outlier: OutlierReport, outlier_int4: Path, fidelity_root: Path) -> None:
-    refs = fidelity.compute_references(
-        outlier.out_dir, PROMPTS, max_new_tokens=MAX_NEW_TOKENS, cache_dir=fidelity_root / "cache"
-    )
+def test_outlier_int4_drifts(outlier_int4: Path, outlier_refs: References) -> None:
+    refs = outlier_refs
     result = fidelity.score(outlier_int4, refs)
     limits = FidelityLimits()
     broken = limits.violations(result)
@@ -126,6 +131,16 @@ def test_outlier_int4_drifts(outlier: OutlierReport, outlier_int4: Path, fidelit
     assert worst[0].reference_answer in message
     assert repr(deployed[worst[0].index]) in message
     assert deployed[worst[0].index] != worst[0].reference_answer
+
+
+def test_outlier_int8_is_faithful(outlier: OutlierReport, outlier_refs: References, fidelity_root: Path) -> None:
+    """The int8 route (per-channel weights) keeps what INT4 loses: the precision ladder's next rung passes."""
+    entry = _build(outlier.out_dir, fidelity_root / "cache", "outlier-int8", "int8")
+    result = fidelity.score(entry, outlier_refs)
+    limits = FidelityLimits()
+    assert result.passes(limits), result.message(limits)
+    assert result.answers_identical == result.total, result.summary()
+    assert result.mean_kld < limits.max_mean_kld / 100, result.summary()
 
 
 def test_references_are_reused(
