@@ -72,6 +72,10 @@ def main() -> int:
             for backend in BACKENDS:
                 cells += counts(reports[backend])
             cells.append(notes or "-")
+            for backend in BACKENDS:
+                for row in reports[backend]["families"]:  # type: ignore[attr-defined]
+                    for failure in row["failures"]:
+                        print(f"{key} {backend}: FAILED {failure}", file=sys.stderr)
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"

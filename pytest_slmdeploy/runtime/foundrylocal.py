@@ -65,6 +65,8 @@ class FoundryLocalBackend:
         self.eos_token_ids = self.entry.eos_token_ids
         self.vocab_size = self.entry.vocab_size
         self.replays = 0  # greedy replays run to find hidden special tokens (see the module docstring)
+        # The format family needs the audit; a memory soak measures the runtime, whose requests it multiplies.
+        self.audit_special_tokens = True
         self._leaked: list[int] = []  # special tokens found before: the next search tries them first
         self.registration: FoundryRegistration
         self.registration, self._model = register(model_dir, model_name, cache_root)
@@ -100,7 +102,8 @@ class FoundryLocalBackend:
             run = self._run(messages, options, max_new, grammar)
             pieces = self.entry.answer_pieces(run)
             ids = [self.entry.piece_ids(p) for p in pieces]
-            if not options.do_sample and not min_new and self.entry.may_hide_special(pieces, run.new_tokens):
+            audit = self.audit_special_tokens and not options.do_sample and not min_new
+            if audit and self.entry.may_hide_special(pieces, run.new_tokens):
                 found = self._hidden_special(lambda masked: self._run(messages, options, max_new, _mask(masked)), run)
                 if found is not None:
                     special, at = found
