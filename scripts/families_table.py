@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from under_load import run_suite  # the same subprocess run of the suite (scripts/ is on sys.path)
 
 from pytest_slmdeploy.tinyfamilies import FAMILIES
 from pytest_slmdeploy.tinymodel import FAQ, family_spec, make_tiny_chat_model
@@ -24,17 +25,9 @@ from pytest_slmdeploy.tinymodel import FAQ, family_spec, make_tiny_chat_model
 BACKENDS = ("ort-genai", "foundry")
 
 
-def run_suite(model: Path, cache: Path, backend: str, workdir: Path) -> dict[str, object]:
-    report = workdir / f"report-{backend}.json"
-    command = [
-        sys.executable, "-m", "pytest", f"--slm-model={model}", f"--slm-cache={cache}", f"--slm-backend={backend}",
-        f"--slm-report={report}", "-p", "no:cacheprovider", "-q", "--rootdir", str(workdir),
-    ]  # fmt: skip
-    started = time.perf_counter()
-    subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False)
-    data: dict[str, object] = json.loads(report.read_text())
-    data["wall_s"] = round(time.perf_counter() - started, 1)
-    return data
+def run_one(model: Path, cache: Path, backend: str, workdir: Path) -> dict[str, object]:
+    _, data, _, _ = run_suite(model, cache, workdir / f"report-{backend}.json", [f"--slm-backend={backend}"])
+    return dict(data)
 
 
 def counts(report: dict[str, object]) -> tuple[str, str]:
@@ -63,7 +56,7 @@ def main() -> int:
             model = make_tiny_chat_model(workdir / f"tiny-{key}", family_spec(key))
             train_s = time.perf_counter() - started
             cache = workdir / "cache"
-            reports = {backend: run_suite(model, cache, backend, workdir) for backend in BACKENDS}
+            reports = {backend: run_one(model, cache, backend, workdir) for backend in BACKENDS}
             entry = next((cache / "custom").iterdir())
             parts = json.loads((entry / "inference_model.json").read_text())["PromptTemplate"]
             build_s = reports["ort-genai"]["model"].get("build_s", "?")  # type: ignore[attr-defined]
