@@ -39,6 +39,8 @@ METRICS: dict[str, tuple[str, bool]] = {
     "build_peak_rss_mb": ("MB", False),
     "warm_start_s": ("s", False),
     "bandwidth_efficiency": ("%", True),
+    "top1_agreement": ("%", True),  # fidelity to the source (the slm_fidelity family)
+    "mean_kld": ("nats", False),
 }
 # Defaults chosen from run-to-run spread on 2 cores (docs/benchmarks.md): wide enough not to fire on noise.
 NOISE_PERCENT = 2.0  # changes smaller than this are not flagged in tables

@@ -1,4 +1,4 @@
-"""``slmdeploy``: the cache from the shell (build, ls, verify, rm), as ``foundry cache`` does."""
+"""``slmdeploy``: the cache from the shell (build, ladder, ls, verify, rm), as ``foundry cache`` does."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from pytest_slmdeploy.cache import ManifestError, ModelCache
 from pytest_slmdeploy.errors import SettingsError, SlmDeployError
 from pytest_slmdeploy.foundry import is_foundry_entry
-from pytest_slmdeploy.settings import PRECISIONS, Settings, check_model_name, default_cache_dir
+from pytest_slmdeploy.settings import AUTO_PRECISION, PRECISIONS, Settings, check_model_name, default_cache_dir
 
 DESCRIPTION = (
     "Manage the slmdeploy model cache from the shell, as 'foundry cache' does for Foundry Local: "
@@ -146,6 +146,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--trust-remote-code", action="store_true", help="allow models with their own code")
 
+    ladder = command(
+        commands,
+        "ladder",
+        "the precision ladder: build int4, int8, fp32 in turn, judge each against the source model (fidelity and "
+        "domain cases) and choose the first that passes; prints the table of size, speed, memory and fidelity",
+        on_cache,
+    )
+    ladder.add_argument("model", type=Path, help="Hugging Face model folder (config.json, tokenizer, safetensors)")
+    ladder.add_argument("--json", type=Path, metavar="FILE", help="write the ladder as JSON: {chosen, rungs: [...]}")
+    ladder.add_argument("--all", action="store_true", help="measure every rung, not only up to the first that passes")
+    ladder.add_argument(
+        "--cases",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a domain case file (repeatable; default: the model folder's own slm_cases.yaml/yml/toml)",
+    )
+    ladder.add_argument("--no-speed", action="store_true", help="do not measure decode tok/s, TTFT and peak RSS")
+    ladder.add_argument("--name", default=None, help="name in the cache (default <folder>); rungs add -<precision>")
+    ladder.add_argument(
+        "--chat-template", default="auto", help="auto (the model's own, default), chatml, or a .jinja file"
+    )
+    ladder.add_argument("--trust-remote-code", action="store_true", help="allow models with their own code")
+
     command(commands, "ls", "list installed models (like 'foundry cache ls')", on_cache)
     fingerprint = command(
         commands, "fingerprint", "print a model folder's content hash, or with --cache-key a CI cache key for its build"
@@ -240,6 +265,48 @@ def _build(args: argparse.Namespace, cache_dir: Path) -> int:
     return 0
 
 
+def _ladder(args: argparse.Namespace, cache_dir: Path, config: ProjectConfig) -> int:
+    import json
+
+    from pytest_slmdeploy.checklist.cases import load_case_file
+    from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
+    from pytest_slmdeploy.fidelity import prompt_set
+    from pytest_slmdeploy.items import model_case_files
+    from pytest_slmdeploy.ladder import run_ladder
+    from pytest_slmdeploy.settings import resolve_limits
+
+    model = args.model.resolve()
+    settings = Settings(
+        model=model,
+        cache_dir=cache_dir,
+        name=check_model_name(args.name) if args.name else None,
+        chat_template=args.chat_template,
+        trust_remote_code=args.trust_remote_code,
+    )
+    limits = resolve_limits(config.values.get)  # the slm_fidelity_* limits a pytest run here would use
+    case_files = args.cases or model_case_files(model)
+    cases = [case for path in case_files for case in load_case_file(path)]
+    prompts = prompt_set([c.messages for c in cases], GENERIC_PROMPTS, limit=int(limits["fidelity_max_prompts"]))
+    ladder, _ = run_ladder(
+        settings,
+        prompts=prompts,
+        limits=limits,
+        cases=cases,
+        measure_speed=not args.no_speed,
+        every_rung=args.all,
+        progress=lambda message: print(f"slmdeploy: {message}", file=sys.stderr),
+    )
+    print("\n".join(ladder.table()))
+    for rung in ladder.rungs:
+        if not rung.passed:
+            print(f"{rung.precision} rejected: {'; '.join(rung.reasons)}")
+    print(f"chosen: {ladder.chosen or 'none (no precision passed)'}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(ladder.to_json(), indent=2) + "\n")
+    return 0 if ladder.chosen else 1
+
+
 def _ls(cache: ModelCache) -> int:
     names = cache.names()
     if not names:
@@ -298,8 +365,8 @@ def _fingerprint(args: argparse.Namespace, config: ProjectConfig) -> int:
         print(digest)
         return 0
     precision = args.precision or str(config.values.get("slm_precision") or "int4").strip().lower()
-    if precision not in PRECISIONS:
-        raise SettingsError(f"slm_precision = {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision not in (*PRECISIONS, AUTO_PRECISION):  # auto: the key of a cache that holds the ladder's rungs
+        raise SettingsError(f"slm_precision = {precision!r} is not one of {', '.join(PRECISIONS)}, auto")
     print(cache_key(digest, precision))
     return 0
 
@@ -315,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache = ModelCache(cache_dir)
         if args.command == "build":
             return _build(args, cache_dir)
+        if args.command == "ladder":
+            return _ladder(args, cache_dir, config)
         if args.command == "ls":
             return _ls(cache)
         if args.command == "verify":

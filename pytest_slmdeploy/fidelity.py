@@ -191,6 +191,20 @@ def _split(flat: NDArray[Any], lengths: NDArray[Any]) -> tuple[tuple[int, ...], 
     return tuple(out)
 
 
+def prompt_set(domain: Sequence[Sequence[Message]], generic: Sequence[str], *, limit: int) -> list[Prompt]:
+    """The prompts fidelity is scored on: the domain conversations first (they are what was fine-tuned), then the
+    generic prompts, without repeats, at most ``limit``."""
+    chosen: list[Prompt] = []
+    seen: set[str] = set()
+    candidates: list[Prompt] = [[dict(m) for m in conversation] for conversation in domain]
+    for prompt in [*candidates, *generic]:
+        key = json.dumps(_messages(prompt), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            chosen.append(prompt)
+    return chosen[:limit]
+
+
 def references_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / REFERENCES_DIR / f"{key[:32]}.npz"
 
@@ -202,15 +216,16 @@ def compute_references(
     max_new_tokens: int,
     cache_dir: str | Path | None = None,
     top_k: int = DEFAULT_TOP_K,
+    trust_remote_code: bool = False,
     progress: Progress = lambda message: None,
 ) -> References:
     """The source model's references for ``prompts``, from ``<cache_dir>/references/`` when already computed.
 
-    Computing them loads the source in transformers (fp32, CPU, no remote code). Each prompt is rendered by the
-    model's own chat template with the generation prompt added and tokenized as ``apply_chat_template`` does
-    (``add_special_tokens=False``): the template alone decides whether a BOS is there, so there is never a
-    second one. The answer is greedy on the raw logits (no repetition penalty or other search settings) until an
-    end token of ``generation_config`` or ``max_new_tokens``.
+    Computing them loads the source in transformers (fp32, CPU; its own code only with ``trust_remote_code``).
+    Each prompt is rendered by the model's own chat template with the generation prompt added and tokenized
+    as ``apply_chat_template`` does (``add_special_tokens=False``): the template alone decides whether a BOS
+    is there, so there is never a second one. The answer is greedy on the raw logits (no repetition penalty
+    or other search settings) until an end token of ``generation_config`` or ``max_new_tokens``.
     """
     from pytest_slmdeploy.source import fingerprint
 
@@ -223,7 +238,7 @@ def compute_references(
     fp = fingerprint(source, stat_cache_dir=cache)
     key = references_key(fp, prompts, max_new_tokens=max_new_tokens, top_k=top_k)
     if cache is None:
-        return _compute(source, prompts, fp, key, max_new_tokens, top_k, progress)
+        return _compute(source, prompts, fp, key, max_new_tokens, top_k, trust_remote_code, progress)
     path = references_path(cache, key)
     if path.is_file():
         return References.load(path)
@@ -233,7 +248,7 @@ def compute_references(
     with FileLock(str(path) + ".lock"):
         if path.is_file():  # another process computed them while we waited
             return References.load(path)
-        refs = _compute(source, prompts, fp, key, max_new_tokens, top_k, progress)
+        refs = _compute(source, prompts, fp, key, max_new_tokens, top_k, trust_remote_code, progress)
         refs.save(path)
     return dataclasses.replace(refs, path=path)
 
@@ -245,17 +260,20 @@ def _compute(
     key: str,
     max_new_tokens: int,
     top_k: int,
+    trust_remote_code: bool,
     progress: Progress,
 ) -> References:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the run shows its own progress line
     start = time.perf_counter()
     progress(f"computing fidelity references with the source model ({len(prompts)} prompts)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises anything on a folder it cannot read
         raise FidelityError(f"the source model {source} cannot be loaded in transformers: {describe(exc)}") from None
     model.eval()
@@ -386,6 +404,15 @@ class FidelityLimits:
     min_identical_share: float = 0.0
     max_max_kld: float = math.inf
     max_perplexity_ratio: float = math.inf
+
+    @classmethod
+    def of(cls, limits: Mapping[str, float]) -> FidelityLimits:
+        """From the checklist limits (``slm_fidelity_*`` ini keys and marker keywords)."""
+        return cls(
+            min_top1_agreement=limits["fidelity_min_top1_agreement"],
+            max_mean_kld=limits["fidelity_max_mean_kld"],
+            min_identical_share=limits["fidelity_min_identical"],
+        )
 
     def violations(self, result: FidelityResult) -> tuple[str, ...]:
         """One phrase per limit the result breaks (empty: it passes)."""

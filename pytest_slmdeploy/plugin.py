@@ -16,7 +16,7 @@ import pytest
 
 from pytest_slmdeploy import hookspecs
 from pytest_slmdeploy.items import DEFAULT_CASE_PATTERNS, CaseFile, CaseItem, is_case_file, model_case_files
-from pytest_slmdeploy.settings import BACKENDS, FOUNDRY_MODES, LIMITS, PRECISIONS, Settings
+from pytest_slmdeploy.settings import AUTO_PRECISION, BACKENDS, FOUNDRY_MODES, LIMITS, PRECISIONS, Settings
 
 if TYPE_CHECKING:
     from pytest_slmdeploy.session import SlmDeploySession
@@ -28,6 +28,7 @@ MARKERS = (
     "slm_memory: memory-leak checks in prolonged use (checklist item 3)",
     "slm_lengths: behaviour across input lengths (checklist item 4)",
     "slm_edge: edge cases and invalid input (checklist item 5)",
+    "slm_fidelity: faithful to the fine-tuned source model (checklist item 6)",
     "slm_benchmark: performance measurements of the deployed model",
     "slm_smoke: the installed model loads and answers (deployment)",
 )
@@ -45,8 +46,10 @@ _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("--slm-model", "slm_model", "string",
      "Hugging Face model folder to build, install and check (enables the plugin).", {"metavar": "PATH"}),
     ("--slm-precision", "slm_precision", "string",
-     "quantization: int4 (default, as in the tutorial), int8, fp32; fp16 needs a provider that supports it.",
-     {"choices": PRECISIONS}),
+     "quantization: int4 (default, as in the tutorial), int8, fp32, or auto: the first of int4, int8, fp32 "
+     "that stays faithful to the source and passes the domain cases (the precision ladder); "
+     "fp16 needs a provider that supports it.",
+     {"choices": (*PRECISIONS, AUTO_PRECISION)}),
     ("--slm-cache", "slm_cache", "string",
      "model cache folder (Foundry Local layout: custom/<name>/); default $SLMDEPLOY_CACHE or ~/.cache/slmdeploy.",
      {"metavar": "DIR"}),
@@ -240,6 +243,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     slm = config.stash.get(_session_key, None)
     selection = config.stash.get(_selection_key, None)
     if slm is None or selection is None or not (selection.named or (selection.everything and slm.settings.suite)):
+        if slm is not None:
+            slm.cases = [item.case for item in items if isinstance(item, CaseItem)]
         return
     from pytest_slmdeploy.session import GATE_ITEM_ID, SUITE_PATH
 
@@ -263,6 +268,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if len(chosen) < len(suite):  # collected to find the named ones: the rest is reported as deselected, as -k does
         config.hook.pytest_deselected(items=[item for item in suite if item not in chosen])
     items.extend(chosen)
+    # Every case collected, before -k/-m deselect: fidelity's prompt set (and its cached references) stays the same
+    # whichever part of the suite a run selects.
+    collected = dict.fromkeys(item for item in (*items, *suite) if isinstance(item, CaseItem))
+    slm.cases = [item.case for item in collected]
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> CaseFile | None:
@@ -356,6 +365,26 @@ def slm_limits(request: pytest.FixtureRequest) -> dict[str, float]:
                 except (SettingsError, TypeError, ValueError) as exc:
                     raise pytest.UsageError(f"@pytest.mark.{marker.name}({key}={value!r}): {exc}") from None
     return limits
+
+
+@pytest.fixture
+def slm_fidelity(request: pytest.FixtureRequest, slm_deployment: Any, slm_limits: dict[str, float]) -> Any:
+    """``slm_fidelity(prompts=None)`` scores the installed model against its source model (teacher-forced on the
+    source's greedy answers) and returns :class:`~pytest_slmdeploy.fidelity.FidelityResult`; default prompts: the
+    run's domain cases, then the built-in ones. ``.references`` of the callable holds the last references."""
+    from pytest_slmdeploy.fidelity import FidelityResult
+
+    session = _session(request)
+
+    class Score:
+        references: Any = None
+
+        def __call__(self, prompts: Sequence[Any] | None = None) -> FidelityResult:
+            chosen = list(prompts) if prompts is not None else session.fidelity_prompts(slm_limits)
+            self.references, result = session.fidelity(chosen, slm_limits)
+            return result  # type: ignore[no-any-return]
+
+    return Score()
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "memory": "3. No memory leaks during prolonged use",
     "lengths": "4. Consistent performance across input lengths",
     "edge": "5. Handles edge cases and invalid input",
+    "fidelity": "6. Faithful to the fine-tuned source",
     "benchmark": "Benchmark",
 }
 MARKER_PREFIX = "slm_"
@@ -92,6 +93,8 @@ class RunReport:
     families: dict[str, FamilyResult] = field(default_factory=dict)
     gates: GateResult | None = None
     notes: list[str] = field(default_factory=list)  # about the deployment, e.g. where PromptTemplate differs
+    ladder: dict[str, Any] | None = None  # --slm-precision auto: {"chosen", "rungs"} (ladder.Ladder.to_json)
+    ladder_table: list[str] = field(default_factory=list)  # its Markdown table
 
     def record(self, nodeid: str, when: str, outcome: str, user_properties: Iterable[tuple[str, Any]]) -> None:
         """Count one test report (call phase, or a failed/skipped setup) into its family."""
@@ -141,6 +144,7 @@ class RunReport:
             ],
             "gates": self.gates.to_json() if self.gates else None,
             "notes": self.notes,
+            "ladder": self.ladder,
         }
 
     def write_json(self, path: str) -> None:
@@ -187,6 +191,8 @@ class RunReport:
             lines += [f"- {line}" for line in undecided]
         if self.gates is not None:
             lines += ["", *self.gates.to_markdown()]
+        if self.ladder_table:
+            lines += ["", "Precision ladder (--slm-precision auto):", "", *self.ladder_table]
         if self.notes:
             lines += ["", "Notes:", "", *[f"- {note}" for note in self.notes]]
         details = ", ".join(f"{k}: {v}" for k, v in self.model.items() if k != "name")

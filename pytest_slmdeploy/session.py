@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import BuildError, SlmDeployError, describe
 from pytest_slmdeploy.plugin import NO_MODEL
 from pytest_slmdeploy.report import FAMILY_PROPERTY, FamilyResult, GateResult, RunReport, family_of
-from pytest_slmdeploy.settings import Settings
+from pytest_slmdeploy.settings import AUTO_PRECISION, Settings
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
 GATE_ITEM_ID = "slmdeploy::benchmark_gates"
@@ -48,13 +49,25 @@ class SlmDeploySession:
         self.gate_item_collected = self.gate_item_ran = False
         self.bench_saved: Path | None = None
         self.gates: list[Gate] = []
+        self.cases: list[Any] = []  # the run's domain cases (checklist.cases.Case), for fidelity and the ladder
+        self.ladder: Any = None  # the precision ladder's result (ladder.Ladder) with --slm-precision auto
+        self._fidelity: dict[tuple[Path, str], Any] = {}  # (entry, references key) -> FidelityResult
 
     # -- stages -------------------------------------------------------------------------------
     def check_source(self) -> None:
         """Check model folder, settings and cache before collection (errors become UsageError)."""
         if self.settings.enabled:
             self.gates = [Gate.parse(g) for g in self.settings.bench_gates or DEFAULT_GATES]
-            self._plan = prepare(self.settings, adjust_recipe=self._adjust_recipe)
+            settings = self.settings
+            if self.auto_precision:  # the first rung's plan checks the source; the ladder picks the build later
+                from pytest_slmdeploy.ladder import RUNGS, rung_settings
+
+                settings = rung_settings(settings, RUNGS[0])
+            self._plan = prepare(settings, adjust_recipe=self._adjust_recipe)
+
+    @property
+    def auto_precision(self) -> bool:
+        return self.settings.precision == AUTO_PRECISION
 
     def _adjust_recipe(self, recipe: dict[str, Any]) -> dict[str, Any]:
         changed = self.config.hook.pytest_slmdeploy_recipe(recipe=recipe, settings=self.settings, config=self.config)
@@ -75,7 +88,7 @@ class SlmDeploySession:
         plan = self.plan
         if self._deployment is None:
             try:
-                self._deployment = deploy(plan, progress=self.progress)
+                self._deployment = self._climb() if self.auto_precision else deploy(plan, progress=self.progress)
             except SlmDeployError as exc:
                 self._deployment = exc
             except Exception as exc:  # e.g. ENOSPC while installing: one clear failure, never a retry per test
@@ -83,6 +96,61 @@ class SlmDeploySession:
         if isinstance(self._deployment, SlmDeployError):
             pytest.fail(f"slmdeploy: {self._deployment}", pytrace=False)
         return self._deployment
+
+    def _climb(self) -> Deployment:
+        """``--slm-precision auto``: build and judge int4, int8, fp32 in turn; the tests run on the first that
+        passes (or on the most faithful, when none does), and the notes say why the others were rejected."""
+        from pytest_slmdeploy.ladder import run_ladder
+
+        limits = self.settings.limits
+        ladder, judge = run_ladder(
+            self.settings,
+            prompts=self.fidelity_prompts(limits),
+            limits=limits,
+            cases=self.cases,
+            adjust_recipe=self._adjust_recipe,
+            progress=self.progress,
+        )
+        self.ladder = ladder
+        precision = ladder.chosen or ladder.rungs[-1].precision
+        self._plan = judge.plans[precision]
+        for rung in ladder.rungs:
+            if rung.fidelity is not None:
+                self._fidelity[(judge.deployments[rung.precision].entry_dir, rung.fidelity.references_key)] = (
+                    rung.fidelity
+                )
+        chosen = judge.deployments[precision]
+        return dataclasses.replace(chosen, notes=(*chosen.notes, *ladder.notes()))
+
+    def fidelity_prompts(self, limits: Mapping[str, float]) -> list[Any]:
+        """The run's domain conversations, then the built-in prompts: what fidelity is scored on."""
+        from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
+        from pytest_slmdeploy.fidelity import prompt_set
+
+        domain = [case.messages for case in self.cases]
+        return prompt_set(domain, GENERIC_PROMPTS, limit=int(limits["fidelity_max_prompts"]))
+
+    def fidelity(self, prompts: Sequence[Any], limits: Mapping[str, float]) -> tuple[Any, Any]:
+        """(references, result): the installed model scored against the source on ``prompts``; references are
+        computed once per source and prompt set (kept in the cache), each score once per session."""
+        from pytest_slmdeploy import fidelity
+
+        deployment = self.deployment()
+        try:
+            references = fidelity.compute_references(
+                self.plan.source.path,
+                prompts,
+                max_new_tokens=int(limits["fidelity_max_new_tokens"]),
+                cache_dir=self.cache.root,
+                trust_remote_code=self.settings.trust_remote_code,
+                progress=self.progress,
+            )
+            key = (deployment.entry_dir, references.key)
+            if key not in self._fidelity:
+                self._fidelity[key] = fidelity.score(deployment.entry_dir, references, progress=self.progress)
+        except SlmDeployError as exc:
+            pytest.fail(f"slmdeploy: {exc}", pytrace=False)
+        return references, self._fidelity[key]
 
     def model(self) -> Any:
         """The model loaded in the configured backend, once per session."""
@@ -139,6 +207,13 @@ class SlmDeploySession:
             reporter.write_line(f"slmdeploy: {message}")
 
     # -- pytest hooks -------------------------------------------------------------------------
+    def _precision_label(self) -> str:
+        if not self.auto_precision:
+            return self.settings.precision
+        from pytest_slmdeploy.ladder import RUNGS
+
+        return f"auto: first faithful of {', '.join(RUNGS)}"
+
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         if self._plan is None:
             return []
@@ -149,7 +224,7 @@ class SlmDeploySession:
             status = "installed; will rebuild (--slm-rebuild)"
         tools = ", ".join(f"{p} {_version(p)}" for p in ("olive-ai", "onnxruntime-genai", "onnxruntime"))
         return [
-            f"slmdeploy: {plan.source.path} ({plan.source.architecture}) -> {plan.name} [{self.settings.precision}]",
+            f"slmdeploy: {plan.source.path} ({plan.source.architecture}) -> {plan.name} [{self._precision_label()}]",
             f"slmdeploy: cache {plan.cache.entry_dir(plan.name)}: {status}",
             f"slmdeploy: fingerprint {plan.source_fingerprint[:12]}, {tools}, CPUExecutionProvider, "
             f"backend {self.settings.backend}",
@@ -185,6 +260,9 @@ class SlmDeploySession:
             return
         self.report.model = self._model_facts()
         self.report.notes = list(self._notes())
+        if self.ladder is not None:
+            self.report.ladder = self.ladder.to_json()
+            self.report.ladder_table = self.ladder.table()
         if self.bench_metrics or self.settings.bench_baseline:
             self._finish_benchmarks(session)
         if self.settings.report is not None:
@@ -212,7 +290,7 @@ class SlmDeploySession:
                 name=self.settings.bench_name or time.strftime("%Y-%m-%dT%H:%M:%S"),
                 model=plan.name,
                 fingerprint=plan.source_fingerprint,
-                precision=self.settings.precision,
+                precision=plan.settings.precision,
                 metrics=metrics,
                 commit=bench.git_commit(self.config.rootpath),
             )
@@ -222,10 +300,9 @@ class SlmDeploySession:
                 self.settings.bench_export.parent.mkdir(parents=True, exist_ok=True)
                 exported = bench.github_action_benchmark(metrics, plan.name)
                 self.settings.bench_export.write_text(json.dumps(exported, indent=2) + "\n")
-        result = self.report.families.setdefault("benchmark", FamilyResult("benchmark"))
         for key in ("ttft_ms", "peak_rss_mb"):
-            if key in metrics:
-                result.figures[key] = metrics[key]
+            if key in metrics:  # not when only the fidelity family's figures reached the history
+                self.report.families.setdefault("benchmark", FamilyResult("benchmark")).figures[key] = metrics[key]
         self.report.gates = verdict  # the gate item itself counts in the benchmark row, as its report came in
         if verdict is not None and verdict.failed:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -324,7 +401,7 @@ class SlmDeploySession:
     def _model_facts(self) -> dict[str, Any]:
         plan = self._plan
         assert plan is not None
-        facts: dict[str, Any] = {"name": plan.name, "precision": self.settings.precision}
+        facts: dict[str, Any] = {"name": plan.name, "precision": plan.settings.precision}
         facts["source"] = str(plan.source.path)
         manifest = plan.state().manifest
         if manifest is not None:
@@ -381,6 +458,10 @@ class SlmDeploySession:
         )
         for note in self._notes():
             terminalreporter.write_line(f"  note: {note}", yellow=True)
+        if self.ladder is not None:
+            terminalreporter.write_line("  precision ladder:")
+            for line in self.ladder.table():
+                terminalreporter.write_line(f"    {line}")
         foundry_model = self._foundry or (self._model if self.settings.backend == "foundry" else None)
         if foundry_model is not None:
             registration = foundry_model.backend.registration

@@ -12,6 +12,7 @@ from pathlib import Path
 from pytest_slmdeploy.errors import SettingsError
 
 PRECISIONS = ("int4", "int8", "fp32", "fp16")
+AUTO_PRECISION = "auto"  # the precision ladder: the first of int4, int8, fp32 that keeps the source's answers
 BACKENDS = ("ort-genai", "foundry")
 FOUNDRY_MODES = ("auto", "yes", "no")
 CHAT_TEMPLATE_BUILTINS = ("auto", "chatml")
@@ -67,6 +68,11 @@ LIMITS: dict[str, tuple[float, str]] = {
     "lengths_max_rounds": (20, "most timing rounds; still undecided then means inconclusive"),
     "lengths_seconds": (30, "time budget of the timing rounds in seconds (after the minimum rounds)"),
     "edge_examples": (40, "hypothesis examples of unusual prompts"),
+    "fidelity_min_top1_agreement": (0.95, "share of the source's greedy tokens the deployed model also ranks first"),
+    "fidelity_max_mean_kld": (0.1, "mean KL divergence from the source's next-token distributions (nats/token)"),
+    "fidelity_min_identical": (0.0, "share of answers that must be token for token the source's (0: not gated)"),
+    "fidelity_max_new_tokens": (64, "length of the source's reference answers, in tokens"),
+    "fidelity_max_prompts": (24, "prompts scored: the domain cases first, then the built-in prompts"),
     "benchmark_rounds": (10, "timed generations per benchmark (after warm-up)"),
     "benchmark_warmup": (2, "untimed generations before a benchmark"),
     "benchmark_new_tokens": (32, "answer length of a benchmark generation (fixed: the end token is ignored)"),
@@ -91,6 +97,10 @@ LIMIT_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "lengths_max_rounds": (3, _INF, True, "rounds"),
     "lengths_seconds": (1, _INF, False, "seconds"),
     "edge_examples": (1, _INF, True, "examples"),
+    "fidelity_min_top1_agreement": (0, 1, False, "a share"),
+    "fidelity_min_identical": (0, 1, False, "a share"),
+    "fidelity_max_new_tokens": (1, _INF, True, "tokens"),
+    "fidelity_max_prompts": (1, _INF, True, "prompts"),
     "benchmark_rounds": (1, _INF, True, "rounds"),
     "benchmark_warmup": (0, _INF, True, "rounds"),
     "benchmark_new_tokens": (2, _INF, True, "decode speed needs two tokens"),
@@ -189,7 +199,7 @@ def resolve_settings(
         if get(key) is not None and not str(get(key)).strip():  # "" on the command line: never the current folder
             raise SettingsError(f"{key} is empty: give a path, or leave the option out for the default")
     model = path("slm_model")
-    precision = _choice("slm_precision", text("slm_precision", "int4").lower(), PRECISIONS)
+    precision = _choice("slm_precision", text("slm_precision", "int4").lower(), (*PRECISIONS, AUTO_PRECISION))
     name_value = get("slm_name")
     name = check_model_name(str(name_value).strip()) if name_value is not None else None
     timeout_text = text("slm_lock_timeout", "1800")
@@ -224,11 +234,12 @@ def resolve_settings(
         bench_baseline=text("slm_bench_baseline", "") or None,
         bench_gates=tuple(_gates(get("slm_bench_gate"))),
         bench_export=path("slm_bench_export"),
-        limits=_limits(get),
+        limits=resolve_limits(get),
     )
 
 
-def _limits(get: Callable[[str], object | None]) -> dict[str, float]:
+def resolve_limits(get: Callable[[str], object | None]) -> dict[str, float]:
+    """The checklist limits from ``get("slm_<key>")`` (ini or command line), checked, with defaults."""
     limits = {
         key: check_limit(key, _number(f"slm_{key}", get(f"slm_{key}"), default)) for key, (default, _) in LIMITS.items()
     }

@@ -266,6 +266,32 @@ def test_sampling_settings_reach_the_runtime(slm_model: Any) -> None:
     assert not check.problems, "; ".join(check.problems)
 
 
+# -- 6. fidelity to the source ------------------------------------------------------------------
+@pytest.mark.slm_fidelity
+def test_faithful_to_the_source(
+    slm_fidelity: Any, slm_deployment: Any, slm_limits: dict[str, float], slm_figure: Any,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    """Teacher-forced on the source model's greedy answers (domain cases, then built-in prompts), the installed
+    model ranks the source's tokens first and keeps its next-token distributions (top-1 agreement, mean KLD)."""
+    from pytest_slmdeploy import bench, fidelity
+
+    result = slm_fidelity()
+    limits = fidelity.FidelityLimits.of(slm_limits)
+    slm_figure("answers identical", f"{result.answers_identical}/{result.total}")
+    slm_figure("top-1 agreement %", round(result.top1_agreement * 100, 2))
+    slm_figure("mean KLD", float(f"{result.mean_kld:.3g}"))
+    slm_figure("max KLD", float(f"{result.max_kld:.3g}"))
+    slm_figure("perplexity ratio", round(result.perplexity_ratio, 4))
+    request.node.user_properties.append((f"{bench.BENCH_PREFIX}top1_agreement", round(result.top1_agreement * 100, 2)))
+    request.node.user_properties.append((f"{bench.BENCH_PREFIX}mean_kld", float(f"{result.mean_kld:.4g}")))
+    if result.passes(limits):
+        return
+    worst = [p.index for p in result.worst(3)]
+    answers = fidelity.deployed_answers(slm_deployment.entry_dir, slm_fidelity.references, worst)
+    pytest.fail(result.message(limits, answers), pytrace=False)
+
+
 # -- benchmark -----------------------------------------------------------------------------------
 BENCH_PROMPT_TOKENS = (16, 128, 512)
 REFERENCE_PROMPT_TOKENS = 128  # the length whose figures go into the history and gates
