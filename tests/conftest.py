@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from pytest_slmdeploy import tinymodel
+from pytest_slmdeploy import tinydefects, tinymodel
+from pytest_slmdeploy.tinydefects import OutlierReport, add_outlier_channels
 from pytest_slmdeploy.tinymodel import FAQ, TinyModelSpec, make_tiny_chat_model
 
 
@@ -118,3 +120,34 @@ class FamilyModels:
 def family_models(tmp_path_factory: pytest.TempPathFactory) -> FamilyModels:
     """Factory of trained family models: ``family_models("gemma2")`` is the folder of a Gemma 2 model."""
     return FamilyModels(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def fidelity_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by xdist workers, like conftest's models: each model is made and built once per run."""
+    root = tmp_path_factory.getbasetemp().parent / "slmdeploy-fidelity"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def outlier(tiny_model: Path, fidelity_root: Path) -> OutlierReport:
+    """The FAQ model with outlier channels (S=40): the same fp32 function, hard to quantize."""
+    # Keyed on the tiny model's recipe folder and on tinydefects' code; written once: other workers read it.
+    code = hashlib.sha256(Path(tinydefects.__file__).read_bytes()).hexdigest()[:8]
+    target = fidelity_root / f"outlier-s40-{tiny_model.parent.name}-{code}"
+    record = target.with_suffix(".json")
+    with FileLock(str(target) + ".lock"):
+        if not record.is_file():
+            report = add_outlier_channels(tiny_model, target, scale=40.0)
+            fields = {**dataclasses.asdict(report), "out_dir": str(report.out_dir)}
+            record.write_text(json.dumps(fields))
+    saved = json.loads(record.read_text())
+    return OutlierReport(
+        out_dir=Path(saved["out_dir"]),
+        scale=saved["scale"],
+        channels=tuple(saved["channels"]),
+        projections=tuple(saved["projections"]),
+        max_abs_logit_diff=saved["max_abs_logit_diff"],
+        max_abs_logit=saved["max_abs_logit"],
+    )

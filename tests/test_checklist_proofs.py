@@ -24,7 +24,7 @@ def _run(pytester: pytest.Pytester, model: Path, cache: Path, *args: str) -> pyt
 def test_healthy_model_passes_everything_twice(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:
     for _ in range(2):  # no flaky failure across runs
         result = _run(pytester, tiny_model, warm_cache)
-        result.assert_outcomes(passed=13 + len(FAQ), skipped=1)  # 512-token benchmark: over the context
+        result.assert_outcomes(passed=14 + len(FAQ), skipped=1)  # 512-token benchmark: over the context
         result.stdout.fnmatch_lines(
             [
                 f"pass *1. Answers queries from its fine-tuned domain*{len(FAQ)}/{len(FAQ)}*",
@@ -32,6 +32,7 @@ def test_healthy_model_passes_everything_twice(pytester: pytest.Pytester, tiny_m
                 "pass *3. No memory leaks during prolonged use*leak MB/1k generations*",
                 "pass *4. Consistent performance across input lengths*TTFT ms by length*",
                 "pass *5. Handles edge cases and invalid input*edge prompts tried 40*",
+                "pass *6. Faithful to the fine-tuned source*answers identical *",
             ]
         )
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import subprocess
 import sys
@@ -14,44 +12,13 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-from pytest_slmdeploy import fidelity, tinydefects
+from pytest_slmdeploy import fidelity
 from pytest_slmdeploy.fidelity import FidelityLimits, FidelityResult, PromptFidelity, References
-from pytest_slmdeploy.tinydefects import OutlierReport, add_outlier_channels
+from pytest_slmdeploy.tinydefects import OutlierReport
 from pytest_slmdeploy.tinymodel import FAQ
 
 PROMPTS = [question for question, _ in FAQ]
 MAX_NEW_TOKENS = 48
-
-
-@pytest.fixture(scope="session")
-def fidelity_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shared by xdist workers, like conftest's models: each model is made and built once per run."""
-    root = tmp_path_factory.getbasetemp().parent / "slmdeploy-fidelity"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-@pytest.fixture(scope="session")
-def outlier(tiny_model: Path, fidelity_root: Path) -> OutlierReport:
-    """The FAQ model with outlier channels (S=40): the same fp32 function, hard to quantize."""
-    # Keyed on the tiny model's recipe folder and on tinydefects' code; written once: other workers read it.
-    code = hashlib.sha256(Path(tinydefects.__file__).read_bytes()).hexdigest()[:8]
-    target = fidelity_root / f"outlier-s40-{tiny_model.parent.name}-{code}"
-    record = target.with_suffix(".json")
-    with FileLock(str(target) + ".lock"):
-        if not record.is_file():
-            report = add_outlier_channels(tiny_model, target, scale=40.0)
-            fields = {**dataclasses.asdict(report), "out_dir": str(report.out_dir)}
-            record.write_text(json.dumps(fields))
-    saved = json.loads(record.read_text())
-    return OutlierReport(
-        out_dir=Path(saved["out_dir"]),
-        scale=saved["scale"],
-        channels=tuple(saved["channels"]),
-        projections=tuple(saved["projections"]),
-        max_abs_logit_diff=saved["max_abs_logit_diff"],
-        max_abs_logit=saved["max_abs_logit"],
-    )
 
 
 def _build(model: Path, cache: Path, name: str, precision: str = "int4") -> Path:

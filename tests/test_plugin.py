@@ -14,7 +14,7 @@ from pytest_slmdeploy.template import CHATML_TEMPLATE
 from pytest_slmdeploy.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-SUITE_TESTS = 13  # the built-in suite's tests that run on the tiny model; its slm_cases.yaml adds one per FAQ entry
+SUITE_TESTS = 14  # the built-in suite's tests that run on the tiny model; its slm_cases.yaml adds one per FAQ entry
 SUITE_SKIPS = 1  # the 512-token benchmark: 512 + 32 tokens do not fit the 512-token context
 
 MODULES_PROBE = """
@@ -102,6 +102,7 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
     assert created_at >= started, "the installed model is older than the cold run: it did not build"
     # The runtime modules load on warm runs too: only Olive tells a build.
     assert "olive" in json.loads((pytester.path / "imported.json").read_text())
+    assert "torch" in json.loads((pytester.path / "imported.json").read_text())  # the fidelity references
 
     (pytester.path / "imported.json").unlink()
     warm = pytester.runpytest_subprocess(*args)
@@ -110,7 +111,13 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
         ["slmdeploy: cache */custom/faq-int4: installed, up to date", "faq-int4 [[]int4[]]: reused from the cache*"]
     )
     assert "converting" not in warm.stdout.str()
-    assert "olive" not in json.loads((pytester.path / "imported.json").read_text())
+    warm_modules = json.loads((pytester.path / "imported.json").read_text())
+    assert "olive" not in warm_modules
+    # The fidelity family ran on the references the cold run computed with the source model: no torch now.
+    assert "torch" not in warm_modules
+    assert "transformers" not in warm_modules
+    warm.stdout.fnmatch_lines(["pass *6. Faithful to the fine-tuned source*1/1*answers identical *"])
+    assert "computing fidelity references" not in warm.stdout.str()
     assert read_json(entry / "slmdeploy_manifest.json")["created_at"] == manifest["created_at"]
 
 
