@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy  # noqa: F401  # in-process pytester runs unload what they import, and numpy cannot load twice
 import pytest
 from filelock import FileLock
 

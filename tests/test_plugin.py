@@ -339,7 +339,7 @@ def test_junit_and_json_report(pytester: pytest.Pytester, tiny_model: Path, warm
     report = json.loads((pytester.path / "report.json").read_text())
     assert report["ok"] is True
     assert report["model"]["name"] == "faq-int4"
-    families = ["smoke", "domain", "format", "memory", "lengths", "edge", "benchmark"]
+    families = ["smoke", "domain", "format", "memory", "lengths", "edge", "fidelity", "benchmark"]
     assert [f["family"] for f in report["families"]] == families
     assert all(f["status"] == "pass" for f in report["families"])
     assert report["families"][1]["passed"] == len(FAQ)  # one per case; no placeholder counts as a pass
