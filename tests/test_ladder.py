@@ -189,3 +189,26 @@ def test_precision_auto_tests_the_first_faithful_rung(
     assert ladder["chosen"] == "int8"
     assert [r["precision"] for r in ladder["rungs"]] == ["int4", "int8"]
     assert any("int4 rejected" in note for note in report["notes"])  # type: ignore[union-attr]
+
+
+def test_fidelity_reaches_the_history_and_gates_a_drop(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path
+) -> None:
+    history = pytester.path / "history"
+    args = ("-m", "slm_fidelity", "--slm-bench-history", str(history))
+    _run(pytester, tiny_model, warm_cache, *args, "--slm-bench-save").assert_outcomes(passed=1)
+    record = json.loads((history / "faq-int4.jsonl").read_text().splitlines()[-1])
+    top1 = record["metrics"]["top1_agreement"]
+    assert 95 <= top1 <= 100
+    assert record["metrics"]["mean_kld"] >= 0
+    same = _run(pytester, tiny_model, warm_cache, *args, "--slm-bench-baseline", "last",
+                "--slm-bench-gate", "top1_agreement:-1%")  # fmt: skip
+    same.assert_outcomes(passed=2)  # the fidelity test and the gate item
+    same.stdout.fnmatch_lines(["benchmark gates passed against *top1_agreement +0.0% (limit -1%)*"])
+    # A baseline that kept more of the source's tokens than this build does: a drop past the gate fails.
+    better = {**record, "name": "better", "metrics": {**record["metrics"], "top1_agreement": top1 + 2}}
+    (pytester.path / "better.json").write_text(json.dumps(better))
+    dropped = _run(pytester, tiny_model, warm_cache, *args, "--slm-bench-baseline", "better.json",
+                   "--slm-bench-gate", "top1_agreement:-1%")  # fmt: skip
+    dropped.assert_outcomes(passed=1, failed=1)
+    dropped.stdout.fnmatch_lines(["*top1_agreement dropped *% vs baseline * % (limit -1%)*"])
