@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 DEFAULT_TOP_K = 64
+TIE_MARGIN = 0.02  # top-1 agreement counts a token within this much source probability of the top one
 REFERENCES_DIR = "references"
 
 Message = Mapping[str, str]
@@ -372,13 +373,14 @@ class PromptFidelity:
     prompt: str
     reference_answer: str
     positions: int
-    agreed: int  # positions whose deployed top-1 token is the reference token
+    agreed: int  # positions whose deployed top-1 token is the reference token, or a near tie of it (TIE_MARGIN)
     first_divergence: int | None  # first position that disagrees (None: the answer is identical)
     mean_kld: float
     max_kld: float
     reference_nll: float  # summed over the answer's tokens
     deployed_nll: float
     runtime_prompt_match: bool | None = None  # the deployed tokenizer renders the same prompt ids (None: unknown)
+    exact: int = 0  # positions whose deployed top-1 token is exactly the reference token
 
     @property
     def identical(self) -> bool:
@@ -438,13 +440,14 @@ class FidelityResult:
     """The deployed model against the references, over all prompts."""
 
     prompts: tuple[PromptFidelity, ...]
-    top1_agreement: float  # share of all answer positions
+    top1_agreement: float  # share of all answer positions (near ties count: see TIE_MARGIN)
     mean_kld: float  # over all answer positions, on the references' top-k support (a lower bound)
     max_kld: float
     perplexity_ratio: float  # exp(mean NLL deployed - mean NLL source) of the reference tokens
     score_seconds: float
     references_key: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+    top1_exact: float = 0.0  # the strict share, llama.cpp's "same top p"
 
     @property
     def answers_identical(self) -> int:
@@ -468,7 +471,8 @@ class FidelityResult:
 
     def summary(self) -> str:
         return (
-            f"answers identical {self.answers_identical}/{self.total}, top-1 agreement {self.top1_agreement:.1%}, "
+            f"answers identical {self.answers_identical}/{self.total}, top-1 agreement {self.top1_agreement:.1%} "
+            f"(exact {self.top1_exact:.1%}), "
             f"mean KLD {self.mean_kld:.3g}, max KLD {self.max_kld:.3g}, "
             f"perplexity ratio {self.perplexity_ratio:.3f} ({self.positions} tokens teacher-forced)"
         )
@@ -545,7 +549,7 @@ def score(
     offsets = references.offsets
     rows: list[PromptFidelity] = []
     all_kld: list[NDArray[np.float64]] = []
-    agreed_total = 0
+    agreed_total = exact_total = 0
     nll_source = 0.0
     nll_deployed = 0.0
     progress(f"scoring fidelity on {len(references.answer_ids)} prompts")
@@ -574,8 +578,9 @@ def score(
         kld = _kld(references, span, logq)
         tokens = np.array(answer, dtype=np.int64)
         deployed_top = logq.argmax(axis=1)
-        agree = deployed_top == tokens
-        disagree = np.flatnonzero(~agree)
+        exact = deployed_top == tokens
+        agree = exact | _near_tie(references, span, deployed_top)
+        disagree = np.flatnonzero(~exact)
         source_nll = -float(references.token_logprob[span].astype(np.float64).sum())
         deployed_nll = -float(logq[np.arange(len(tokens)), tokens].sum())
         rows.append(
@@ -591,10 +596,12 @@ def score(
                 reference_nll=source_nll,
                 deployed_nll=deployed_nll,
                 runtime_prompt_match=_runtime_prompt_match(tokenizer, references.messages[i], prompt_ids),
+                exact=int(exact.sum()),
             )
         )
         all_kld.append(kld)
         agreed_total += int(agree.sum())
+        exact_total += int(exact.sum())
         nll_source += source_nll
         nll_deployed += deployed_nll
     klds = np.concatenate(all_kld)
@@ -609,7 +616,23 @@ def score(
         perplexity_ratio=math.exp((nll_deployed - nll_source) / positions),
         score_seconds=seconds,
         references_key=references.key,
+        top1_exact=exact_total / positions,
     )
+
+
+def _near_tie(references: References, span: slice, deployed_top: NDArray[Any]) -> NDArray[np.bool_]:
+    """Positions where the deployed top-1 token is one the source ranks about as high as its own top-1: its
+    source probability is within TIE_MARGIN of the top one. Where the source cannot tell two tokens apart, the
+    deployed model picking the other one is not drift (a random or undecided model's argmax is a coin flip)."""
+    import numpy as np
+
+    ids = references.topk_ids[span].astype(np.int64)
+    probs = np.exp(references.topk_logprobs[span].astype(np.float64))
+    hit = ids == deployed_top[:, None]
+    # A token outside the stored top-k has at most the k-th probability: near when the source is that flat.
+    p_deployed = np.where(hit.any(axis=1), (probs * hit).sum(axis=1), probs[:, -1])
+    near: NDArray[np.bool_] = probs[:, 0] - p_deployed <= TIE_MARGIN
+    return near
 
 
 def _kld(references: References, span: slice, logq: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -223,3 +223,16 @@ def test_limits() -> None:
         "perplexity ratio 1.500 > 1.1",
     )
     assert math.isinf(limits.max_max_kld)
+
+
+def test_near_ties_count_as_agreement() -> None:
+    """Where the source cannot tell two tokens apart, the deployed model picking the other one is no drift."""
+    flat = np.log(np.full((1, 200), 1 / 200))  # a random model's position: every token alike
+    confident = np.log(np.array([[0.9, 0.05] + [0.05 / 198] * 198]))
+    close = np.log(np.array([[0.40, 0.39] + [0.21 / 198] * 198]))
+    refs = _synthetic(np.concatenate([flat, confident, close]), top_k=16)
+    top = refs.topk_ids[:, 0].astype(np.int64)
+    other = np.array([top[0] + 1 if top[0] + 1 < 200 else 0, refs.topk_ids[1, 1], refs.topk_ids[2, 1]])
+    near = fidelity._near_tie(refs, slice(0, 3), other)
+    assert near.tolist() == [True, False, True]
+    assert fidelity._near_tie(refs, slice(0, 3), top).all()

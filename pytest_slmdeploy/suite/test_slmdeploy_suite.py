@@ -280,6 +280,7 @@ def test_faithful_to_the_source(
     limits = fidelity.FidelityLimits.of(slm_limits)
     slm_figure("answers identical", f"{result.answers_identical}/{result.total}")
     slm_figure("top-1 agreement %", round(result.top1_agreement * 100, 2))
+    slm_figure("exact top-1 %", round(result.top1_exact * 100, 2))
     slm_figure("mean KLD", float(f"{result.mean_kld:.3g}"))
     slm_figure("max KLD", float(f"{result.max_kld:.3g}"))
     slm_figure("perplexity ratio", round(result.perplexity_ratio, 4))
