@@ -363,9 +363,17 @@ class LlmBenchmark:
         self.warmup = int(limits["benchmark_warmup"])
         self.new_tokens = int(limits["benchmark_new_tokens"])
 
-    def __call__(self, prompt: Any, *, new_tokens: int | None = None, reference: bool = True) -> GenerationStats:
+    def __call__(
+        self, prompt: Any, *, new_tokens: int | None = None, reference: bool = True, prompt_tokens: int | None = None
+    ) -> GenerationStats:
+        """Time ``prompt``; with ``prompt_tokens`` given, the warm-up is skipped when the session already ran a
+        sequence at least that long (the first prefill at a new length allocates; later ones up to it do not)."""
         n = new_tokens or self.new_tokens
         runs: list[Generation] = []
+        warmup = self.warmup
+        log = getattr(self.model, "memory_log", None)
+        if prompt_tokens is not None and log and max(sample.tokens for sample in log) >= prompt_tokens:
+            warmup = 0
 
         def one() -> None:
             runs.append(self.model.generate(prompt, max_new_tokens=n, min_new_tokens=n))
@@ -373,7 +381,7 @@ class LlmBenchmark:
         process = psutil.Process()
         process.cpu_percent(None)
         with PeakRss() as rss:
-            self.benchmark.pedantic(one, rounds=self.rounds, warmup_rounds=self.warmup, iterations=1)
+            self.benchmark.pedantic(one, rounds=self.rounds, warmup_rounds=warmup, iterations=1)
         timed = runs[-self.rounds :]  # pedantic's warm-up rounds come first (none if benchmarks are disabled)
         stats = GenerationStats.of(timed, rss.peak, process.cpu_percent(None))
         self.benchmark.extra_info.update(asdict(stats))

@@ -53,7 +53,7 @@ class CaseItem(pytest.Item):
         from pytest_slmdeploy.plugin import slm_session
 
         model = slm_session(self.config).model()
-        generation = model.generate(list(self.case.messages), max_new_tokens=self.case.max_tokens)
+        generation = model.answer(list(self.case.messages), max_new_tokens=self.case.max_tokens)
         result = check_case(self.case, generation)
         if not result.passed:
             raise CaseFailure(result)

@@ -249,6 +249,11 @@ class SlmDeploySession:
             items.extend(session.genitems(BenchmarkGates.from_parent(session, name="slmdeploy", slm=self)))
             self.gate_item_collected = True
 
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        for model in (self._model, self._foundry):  # generations of another test: another memory segment
+            if model is not None:
+                model.segment += 1
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.report.record(report.nodeid, report.when, report.outcome, report.user_properties)
         if report.when == "call" and report.passed:

@@ -228,3 +228,21 @@ def test_soak_verdicts() -> None:
 def test_one_rise_anywhere_is_not_a_leak(at: int) -> None:
     once = memory.SoakResult("soak", tuple(100_000_000 + (20_000_000 if i >= at else 0) for i in range(30)), 1.0)
     assert once.verdict(8_000) in ("pass", "inconclusive")
+
+
+def test_session_series_counts_growth_only_between_generations_in_a_row() -> None:
+    mb = 1_000_000
+    samples = [
+        (1, 10, 100 * mb), (1, 10, 100 * mb),  # warm-up
+        (2, 10, 101 * mb), (2, 10, 101 * mb),
+        (3, 10, 400 * mb),  # another test loaded a second model in between: not the generations' doing
+        (3, 10, 400 * mb),
+        (3, 900, 450 * mb),  # the longest sequence yet: its buffers grow once
+        (3, 900, 450 * mb), (3, 20, 450 * mb),
+    ]  # fmt: skip
+    series = memory.session_series(samples, warmup=2)
+    assert series == (101 * mb,) * 7
+    leaking = [(s, t, rss + i * mb) for i, (s, t, rss) in enumerate(samples)]
+    grown = memory.session_series(leaking, warmup=2)
+    assert grown[-1] - grown[0] == 4 * mb  # the four counted steps each kept 1 MB
+    assert memory.session_series(samples[:2], warmup=2) == ()

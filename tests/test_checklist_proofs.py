@@ -173,13 +173,31 @@ def test_leaking_runtime_fails_the_suites_memory_soak(
     result = _run(pytester, tiny_model, warm_cache, "-m", "slm_memory", "-o", "slm_memory_generations=60")
     result.stdout.fnmatch_lines(
         [
-            "fail: generation soak: RSS grows * MB per generation (robust slope; limit 8 MB per 1,000 generations)*",
+            "fail: generations: RSS grows * MB per generation (robust slope; limit 8 MB per 1,000 generations)*",
             "FAIL *3. No memory leaks*",
         ]
     )
     result.assert_outcomes(passed=1, failed=1)  # the load/unload check does not go through slm_model
     mb_per_generation = float(result.stdout.str().split("RSS grows ")[1].split(" MB")[0])
     assert 0.8 < mb_per_generation < 1.2  # 1 MB per generation, measured as such
+
+
+def test_leaking_runtime_is_caught_by_the_sessions_own_generations(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path
+) -> None:
+    """The whole suite: the memory family reads the trend from every family's generations, no soak needed."""
+    pytester.makeconftest(LEAKING_RUNTIME)
+    result = _run(pytester, tiny_model, warm_cache, "-o", "slm_memory_generations=40")
+    result.stdout.fnmatch_lines(
+        [
+            "fail: generations: RSS grows * MB per generation (robust slope; *",
+            "FAIL *3. No memory leaks*leak MB/1k generations *, generations * from the session)*",
+        ]
+    )
+    judged, from_session = re.findall(r"generations (\d+) \((\d+) from the session\)", result.stdout.str())[0]
+    assert int(judged) == int(from_session) >= 40  # no soak: the other families' generations were enough
+    failed = {line.split()[1] for line in result.stdout.lines if line.startswith("FAILED")}
+    assert failed == {"slmdeploy::test_no_leak_over_many_generations"}, result.stdout.str()[-3000:]
 
 
 def test_runtime_leaking_per_load_fails_load_unload(

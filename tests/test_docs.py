@@ -78,3 +78,9 @@ def test_test_examples_pass_against_a_real_model(pytester: pytest.Pytester, tiny
         "--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "--slm-no-suite", "-p", "no:cacheprovider"
     )
     result.assert_outcomes(passed=len(examples))
+
+
+def test_the_limits_table_shows_the_defaults() -> None:
+    text = (DOCS / "checklist.md").read_text()
+    for key, (default, _) in LIMITS.items():
+        assert f"| `slm_{key}` | `{default:g}` |" in text, key

@@ -91,6 +91,28 @@ class SoakVerdict:
         return f"{self.verdict}: {head}"
 
 
+def session_series(samples: Sequence[tuple[int, int, int]], *, warmup: int) -> tuple[int, ...]:
+    """RSS attributable to generations, from every generation's ``(segment, tokens, rss)`` after ``warmup``.
+
+    Only the growth from one generation to the next within a segment (generations one after the other, as
+    in one test) counts: what other work does between segments (loading a second model, a load/unload
+    cycle) is not the generations' doing. A generation that processes a longer sequence than any before it
+    may grow its buffers once, so its growth does not count either. The series starts at the first sample's
+    RSS and adds the counted growth, so a leak in every generation rises steadily and one-off growth does not.
+    """
+    kept = list(samples[warmup:])
+    if not kept:
+        return ()
+    longest = max(tokens for _, tokens, _ in samples[: warmup + 1])
+    series = [kept[0][2]]
+    for previous, current in pairwise(kept):
+        grown = current[2] - previous[2]
+        counted = current[0] == previous[0] and current[1] <= longest
+        longest = max(longest, current[1])
+        series.append(series[-1] + (grown if counted else 0))
+    return tuple(series)
+
+
 def soak(
     step: Callable[[int], object],
     *,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pytest_slmdeploy.errors import SettingsError
+from pytest_slmdeploy.measure import rss_bytes
 from pytest_slmdeploy.runtime.protocol import (
     Backend,
     Generation,
@@ -22,10 +24,20 @@ __all__ = [
     "GenerationOptions",
     "Message",
     "PromptInput",
+    "RssSample",
     "SlmModel",
     "as_messages",
     "open_model",
 ]
+
+
+class RssSample(NamedTuple):
+    """This process's RSS right after a generation; ``segment`` tells generations made one after the other
+    (in one test) from those with other work in between, ``tokens`` how long a sequence it processed."""
+
+    segment: int
+    tokens: int
+    rss: int
 
 
 class SlmModel:
@@ -33,6 +45,9 @@ class SlmModel:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self._answers: dict[str, Generation] = {}
+        self.memory_log: list[RssSample] = []  # every generation's RSS: the memory family's evidence
+        self.segment = 0  # bumped by the caller between runs of generations (a test), see RssSample
 
     @property
     def backend_name(self) -> str:
@@ -56,7 +71,19 @@ class SlmModel:
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, min_new_tokens=min_new_tokens,
         )  # fmt: skip
-        return self.backend.generate(prompt, options, system=system)
+        generation = self.backend.generate(prompt, options, system=system)
+        tokens = generation.prompt_tokens + generation.new_tokens
+        self.memory_log.append(RssSample(self.segment, tokens, rss_bytes()))
+        return generation
+
+    def answer(self, prompt: PromptInput, *, max_new_tokens: int = 128, system: str | None = None) -> Generation:
+        """The greedy answer to ``prompt``, generated once per loaded model: the checks that judge answers (the
+        domain cases, the format family) share it instead of generating it again. Greedy decoding is
+        deterministic, so the answer is the same either way; timing and memory checks call :meth:`generate`."""
+        key = json.dumps([as_messages(prompt, system), max_new_tokens], sort_keys=True)
+        if key not in self._answers:
+            self._answers[key] = self.generate(prompt, max_new_tokens=max_new_tokens, system=system)
+        return self._answers[key]
 
     def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         """Answer the last user message of a conversation (same options as :meth:`generate`)."""

@@ -7,6 +7,7 @@ One test per claim of the tutorial's checklist; limits come from ``slm_*`` ini k
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from statistics import median
 from typing import Any
@@ -22,14 +23,11 @@ from pytest_slmdeploy.stats import Comparison, interleaved
 SMOKE_PROMPT = "Hello"
 
 
-def _domain_prompts(request: pytest.FixtureRequest, limit: int = 16) -> list[str]:
-    """User prompts of the domain cases collected in this run (the model's own domain)."""
-    prompts = []
-    for item in request.session.items:
-        case = getattr(item, "case", None)
-        if case is not None and len(case.messages) == 1:
-            prompts.append(case.messages[0]["content"])
-    return prompts[:limit]
+def _domain_cases(request: pytest.FixtureRequest, limit: int = 16) -> list[Any]:
+    """The domain cases collected in this run (the model's own domain), as :class:`~.cases.Case`."""
+    from pytest_slmdeploy.items import CaseItem
+
+    return [item.case for item in request.session.items if isinstance(item, CaseItem)][:limit]
 
 
 # -- deployment ---------------------------------------------------------------------------------
@@ -78,19 +76,26 @@ def test_answers_stop_and_are_clean(
 ) -> None:
     """Answers end because the model stopped, leak no special/template tokens, are non-empty UTF-8, do not loop."""
     special = fmt.SpecialTokens.from_model_dir(slm_deployment.entry_dir)
-    prompts = [*_domain_prompts(request), *fmt.GENERIC_PROMPTS]
     max_new = int(slm_limits["format_max_new_tokens"])
-    results = [
-        fmt.check_format(p, slm_model.generate(p, max_new_tokens=max_new), special, require_stop=False) for p in prompts
+    # The domain cases' own answers (shared with the domain family: generated once), then the built-in prompts.
+    asked: list[tuple[str, Any, int]] = [
+        (case.messages[-1]["content"], list(case.messages), case.max_tokens) for case in _domain_cases(request)
     ]
-    rate = fmt.stop_rate(results)
-    slm_figure("stop rate", f"{sum(r.generation.finish_reason == 'stop' for r in results)}/{len(results)}")
+    asked += [(prompt, prompt, max_new) for prompt in fmt.GENERIC_PROMPTS]
+    answer = getattr(slm_model, "answer", slm_model.generate)  # a wrapper of slm_model may only generate
+    results = [fmt.check_format(label, answer(prompt, max_new_tokens=limit), special, require_stop=False)
+               for label, prompt, limit in asked]  # fmt: skip
+    # A case that chose a shorter limit than the format family's is no evidence of not stopping.
+    judged = [r for r, (_, _, limit) in zip(results, asked, strict=True)
+              if limit >= max_new or r.generation.finish_reason == "stop"]  # fmt: skip
+    rate = fmt.stop_rate(judged)
+    slm_figure("stop rate", f"{sum(r.generation.finish_reason == 'stop' for r in judged)}/{len(judged)}")
     problems = [r.explain() for r in results if not r.passed]
     assert not problems, "format problems:\n" + "\n".join(problems)
     assert rate >= slm_limits["format_min_stop_rate"], (
         f"only {rate:.0%} of answers stopped by themselves (limit {slm_limits['format_min_stop_rate']:.0%}): "
         + "; ".join(
-            f"{r.prompt!r} -> {r.generation.text[:60]!r}" for r in results if r.generation.finish_reason != "stop"
+            f"{r.prompt!r} -> {r.generation.text[:60]!r}" for r in judged if r.generation.finish_reason != "stop"
         )
     )
 
@@ -109,59 +114,6 @@ def test_prompt_template_matches_the_model(slm_model: Any, slm_deployment: Any, 
     slm_figure("conversations", ", ".join(fmt.template_conversations(parts)))
     mismatches = fmt.prompt_template_mismatches(parts, chat_template, tokenizer_config, backend.render, backend.encode)
     assert not mismatches, "PromptTemplate renders other tokens than the chat template:\n" + "\n".join(mismatches)
-
-
-# -- 3. memory -----------------------------------------------------------------------------------
-@pytest.mark.slm_memory
-def test_no_leak_over_many_generations(
-    request: pytest.FixtureRequest, slm_model: Any, slm_limits: dict[str, float], slm_figure: Any, slm_verdict: Any
-) -> None:
-    """RSS has no upward trend over a soak of generations, measured after warm-up."""
-    prompts = [*_domain_prompts(request), *fmt.GENERIC_PROMPTS]
-    backend = slm_model.backend
-    # The Foundry backend's special-token audit replays answers: one generation would be several requests.
-    audit = getattr(backend, "audit_special_tokens", None)
-    if audit is not None:
-        backend.audit_special_tokens = False
-    try:
-        result = memory.soak(
-            lambda i: slm_model.generate(prompts[i % len(prompts)], max_new_tokens=32),
-            steps=int(slm_limits["memory_generations"]),
-            warmup=int(slm_limits["memory_warmup"]),
-            time_budget_s=slm_limits["memory_seconds"],
-            what="generation soak",
-        )
-    finally:
-        if audit is not None:
-            backend.audit_special_tokens = audit
-    slm_figure("leak MB/1k generations", round(result.mb_per_1k, 3))
-    slm_figure("generations", result.steps - 1)
-    limit = slm_limits["memory_max_mb_per_1k"]
-    slm_verdict([result.judged(limit * 1e6 / 1000, f"{limit:g} MB per 1,000 generations")])
-
-
-@pytest.mark.slm_memory
-def test_no_leak_over_load_unload(
-    slm_deployment: Any, slm_settings: Any, slm_limits: dict[str, float], slm_verdict: Any
-) -> None:
-    """Loading and closing the model again and again does not grow RSS."""
-    from pytest_slmdeploy.runtime import open_model
-
-    def cycle(_: int) -> None:
-        model = open_model("ort-genai", slm_deployment.entry_dir, cache_root=slm_settings.cache_dir,
-                           model_name=slm_deployment.name)  # fmt: skip
-        model.generate(SMOKE_PROMPT, max_new_tokens=4)
-        model.close()
-
-    result = memory.soak(cycle, steps=int(slm_limits["memory_load_cycles"]), warmup=2,
-                         time_budget_s=slm_limits["memory_seconds"], what="load/unload", per="cycle")  # fmt: skip
-    # Scaled to the model: leaking one loaded copy per cycle must fail, whatever the model's size.
-    model_mb = slm_deployment.manifest.model_bytes / 1e6
-    share, slack = slm_limits["memory_max_load_share"], slm_limits["memory_load_slack_mb"]
-    limit = share * model_mb + slack
-    slm_verdict(
-        [result.judged(limit * 1e6, f"{limit:.2f} MB = {share:g} x the {model_mb:.1f} MB model + {slack:g} MB")]
-    )
 
 
 # -- 4. input lengths ----------------------------------------------------------------------------
@@ -195,8 +147,7 @@ def test_every_length_works_and_scales(
             decode_slack_s=slm_limits["lengths_decode_slack_ms"] / 1000,
         )
 
-    for prompt in prompts:  # warm-up: first runs at a new length allocate
-        timed(prompt)()
+    # The answers above were the warm-up: the first run at a new length allocates.
     runs = interleaved(
         [timed(p) for p in prompts],
         min_rounds=int(slm_limits["lengths_min_rounds"]),
@@ -316,7 +267,7 @@ def test_benchmark_generation(
         prompt = lengths.FILLER * max(1, prompt_tokens // 10)
     reference = prompt_tokens == REFERENCE_PROMPT_TOKENS
     slm_benchmark = request.getfixturevalue("slm_benchmark")  # after the skip: pytest-benchmark warns on unused
-    stats = slm_benchmark(prompt, new_tokens=new_tokens, reference=reference)
+    stats = slm_benchmark(prompt, new_tokens=new_tokens, reference=reference, prompt_tokens=prompt_tokens)
     slm_figure(f"decode tok/s @{prompt_tokens}", stats.decode_tps)
     assert stats.new_tokens == new_tokens, f"the answer length was not fixed: {stats.new_tokens} tokens"
     assert stats.decode_tps > 0
@@ -328,3 +279,62 @@ def test_benchmark_generation(
         efficiency = bench.bandwidth_efficiency(stats.decode_tps, per_token, bench.memory_bandwidth_bytes_per_s())
         request.node.user_properties.append((f"{bench.BENCH_PREFIX}bandwidth_efficiency", round(efficiency, 2)))
         slm_figure("bandwidth efficiency %", round(efficiency, 1))
+
+
+# -- 3. memory: last, so every generation of the session is evidence ------------------------
+@pytest.mark.slm_memory
+def test_no_leak_over_many_generations(
+    request: pytest.FixtureRequest, slm_model: Any, slm_limits: dict[str, float], slm_figure: Any, slm_verdict: Any
+) -> None:
+    """RSS has no upward trend across the session's generations (every family's, after warm-up), with a soak
+    of generations only for what is missing to reach slm_memory_generations (runs last, to see them all)."""
+    from pytest_slmdeploy.plugin import slm_session
+
+    log = slm_session(request.config).model().memory_log  # the loaded model's, under any wrapper of slm_model
+    warmup, wanted = int(slm_limits["memory_warmup"]), int(slm_limits["memory_generations"])
+    from_session = max(0, len(log) - warmup)
+    prompts = [case.messages[-1]["content"] for case in _domain_cases(request)] + list(fmt.GENERIC_PROMPTS)
+    backend = slm_model.backend
+    # The Foundry backend's special-token audit replays answers: one generation would be several requests.
+    audit = getattr(backend, "audit_special_tokens", None)
+    if audit is not None:
+        backend.audit_special_tokens = False
+    start = time.perf_counter()
+    try:
+        for i in range(max(0, warmup + wanted + 1 - len(log))):
+            slm_model.generate(prompts[i % len(prompts)], max_new_tokens=16)
+            if time.perf_counter() - start > slm_limits["memory_seconds"] and len(log) >= warmup + 10:
+                break
+    finally:
+        if audit is not None:
+            backend.audit_special_tokens = audit
+    series = memory.session_series(log, warmup=warmup)
+    result = memory.SoakResult("generations", series, time.perf_counter() - start)
+    slm_figure("leak MB/1k generations", round(result.mb_per_1k, 3))
+    slm_figure("generations", f"{result.steps - 1} ({min(from_session, result.steps - 1)} from the session)")
+    limit = slm_limits["memory_max_mb_per_1k"]
+    slm_verdict([result.judged(limit * 1e6 / 1000, f"{limit:g} MB per 1,000 generations")])
+
+
+@pytest.mark.slm_memory
+def test_no_leak_over_load_unload(
+    slm_deployment: Any, slm_settings: Any, slm_limits: dict[str, float], slm_verdict: Any
+) -> None:
+    """Loading and closing the model again and again does not grow RSS."""
+    from pytest_slmdeploy.runtime import open_model
+
+    def cycle(_: int) -> None:
+        model = open_model("ort-genai", slm_deployment.entry_dir, cache_root=slm_settings.cache_dir,
+                           model_name=slm_deployment.name)  # fmt: skip
+        model.generate(SMOKE_PROMPT, max_new_tokens=4)
+        model.close()
+
+    result = memory.soak(cycle, steps=int(slm_limits["memory_load_cycles"]), warmup=2,
+                         time_budget_s=slm_limits["memory_seconds"], what="load/unload", per="cycle")  # fmt: skip
+    # Scaled to the model: leaking one loaded copy per cycle must fail, whatever the model's size.
+    model_mb = slm_deployment.manifest.model_bytes / 1e6
+    share, slack = slm_limits["memory_max_load_share"], slm_limits["memory_load_slack_mb"]
+    limit = share * model_mb + slack
+    slm_verdict(
+        [result.judged(limit * 1e6, f"{limit:.2f} MB = {share:g} x the {model_mb:.1f} MB model + {slack:g} MB")]
+    )
