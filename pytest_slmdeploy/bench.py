@@ -364,16 +364,25 @@ class LlmBenchmark:
         self.new_tokens = int(limits["benchmark_new_tokens"])
 
     def __call__(
-        self, prompt: Any, *, new_tokens: int | None = None, reference: bool = True, prompt_tokens: int | None = None
+        self,
+        prompt: Any,
+        *,
+        new_tokens: int | None = None,
+        reference: bool = True,
+        prompt_tokens: int | None = None,
+        shared: Sequence[Generation] = (),
     ) -> GenerationStats:
         """Time ``prompt``; with ``prompt_tokens`` given, the warm-up is skipped when the session already ran a
-        sequence at least that long (the first prefill at a new length allocates; later ones up to it do not)."""
+        sequence at least that long (the first prefill at a new length allocates; later ones up to it do not).
+        ``shared``: rounds of this very request measured already (the length sweep's): they count towards
+        ``slm_benchmark_rounds``, and pytest-benchmark times the rest (at least one)."""
         n = new_tokens or self.new_tokens
         runs: list[Generation] = []
         warmup = self.warmup
         log = getattr(self.model, "memory_log", None)
-        if prompt_tokens is not None and log and max(sample.tokens for sample in log) >= prompt_tokens:
+        if shared or (prompt_tokens is not None and log and max(sample.tokens for sample in log) >= prompt_tokens):
             warmup = 0
+        rounds = max(1, self.rounds - len(shared))
 
         def one() -> None:
             runs.append(self.model.generate(prompt, max_new_tokens=n, min_new_tokens=n))
@@ -381,9 +390,10 @@ class LlmBenchmark:
         process = psutil.Process()
         process.cpu_percent(None)
         with PeakRss() as rss:
-            self.benchmark.pedantic(one, rounds=self.rounds, warmup_rounds=warmup, iterations=1)
-        timed = runs[-self.rounds :]  # pedantic's warm-up rounds come first (none if benchmarks are disabled)
-        stats = GenerationStats.of(timed, rss.peak, process.cpu_percent(None))
+            self.benchmark.pedantic(one, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        timed = runs[-rounds:]  # pedantic's warm-up rounds come first (none if benchmarks are disabled)
+        stats = GenerationStats.of([*shared, *timed], rss.peak, process.cpu_percent(None))
+        self.benchmark.extra_info["shared_rounds"] = len(shared)
         self.benchmark.extra_info.update(asdict(stats))
         if reference:
             for key in ("ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "peak_rss_mb", "cpu_percent"):

@@ -52,6 +52,7 @@ class SlmDeploySession:
         self.cases: list[Any] = []  # the run's domain cases (checklist.cases.Case), for fidelity and the ladder
         self.ladder: Any = None  # the precision ladder's result (ladder.Ladder) with --slm-precision auto
         self._fidelity: dict[tuple[Path, str], Any] = {}  # (entry, references key) -> FidelityResult
+        self.shared_runs: dict[tuple[str, int], list[Any]] = {}  # (prompt, new tokens) -> the length sweep's rounds
 
     # -- stages -------------------------------------------------------------------------------
     def check_source(self) -> None:

@@ -63,7 +63,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "lengths_ttft_slack_ms": (20.0, "absolute TTFT slack in ms for timer noise on tiny models"),
     "lengths_decode_band": (0.5, "decode tok/s at any length may fall by at most this share of the shortest prompt's"),
     "lengths_decode_slack_ms": (0.5, "absolute slack in ms per decoded token for timer noise on tiny models"),
-    "lengths_new_tokens": (16, "tokens generated per timed round at each length"),
+    "lengths_new_tokens": (32, "tokens generated per timed round at each length (as the benchmark: rounds are shared)"),
     "lengths_min_rounds": (3, "interleaved timing rounds before a verdict may be taken"),
     "lengths_max_rounds": (20, "most timing rounds; still undecided then means inconclusive"),
     "lengths_seconds": (30, "time budget of the timing rounds in seconds (after the minimum rounds)"),
