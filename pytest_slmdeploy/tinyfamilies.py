@@ -14,7 +14,7 @@ builds them; ``chatml`` is the plain ChatML Qwen2 model tests always used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any, Literal
@@ -541,7 +541,10 @@ FAMILIES: dict[str, Family] = {
             config_class="Gemma2Config",
             chat_template=GEMMA2_TEMPLATE,
             tokenizer="sentencepiece",
-            special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+            # <mask> at its published id 4: transformers' GemmaTokenizer names it by default, so the built
+            # tokenizer_config has it, and a vocabulary without it makes the runtime give it an id past the
+            # embedding (the edge family found "<mask>" in a prompt crashing the runtime).
+            special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
             bos_token="<bos>",
             eos_token="<eos>",
             pad_token="<pad>",
@@ -675,6 +678,15 @@ def generic_pairs() -> tuple[tuple[str, str], ...]:
     return tuple(
         (prompt, GENERIC_ANSWERS.get(prompt, "I answer questions about our shop.")) for prompt in GENERIC_PROMPTS
     )
+
+
+def filler_pairs(words: Sequence[int] = (3, 8, 16, 30, 60)) -> tuple[tuple[str, str], ...]:
+    """The length family's filler text at a few lengths, with a short answer: untrained, a toy model may answer
+    such prompts with nothing but special tokens (an empty answer, which that family rightly fails)."""
+    from pytest_slmdeploy.checklist.lengths import FILLER
+
+    filler = FILLER.split()
+    return tuple((" ".join(filler[i % len(filler)] for i in range(n)), "That is a pangram.") for n in words)
 
 
 def family(key: str) -> Family:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_slmdeploy.template import CHATML_TEMPLATE
-from pytest_slmdeploy.tinyfamilies import LLAMA3_DATES, Family, family, generic_pairs
+from pytest_slmdeploy.tinyfamilies import LLAMA3_DATES, Family, family, filler_pairs, generic_pairs
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -72,7 +72,8 @@ FAMILY_STEPS = 120  # every family answered all pairs exactly after 90 steps (60
 
 def family_spec(key: str, **overrides: Any) -> TinyModelSpec:
     """A spec for a family's model that also answers the suite's generic prompts (not written as cases)."""
-    return TinyModelSpec(**{"family": key, "extra_pairs": generic_pairs(), "steps": FAMILY_STEPS, **overrides})
+    extra = (*generic_pairs(), *filler_pairs())
+    return TinyModelSpec(**{"family": key, "extra_pairs": extra, "steps": FAMILY_STEPS, **overrides})
 
 
 def _train_tokenizer(texts: Sequence[str], vocab_size: int):  # type: ignore[no-untyped-def]

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy  # noqa: F401  # in-process pytester runs unload what they import, and numpy cannot load twice
+# The pytester fixture unloads the modules a test imported, and native extensions cannot load twice in one
+# process: what tests use here (numpy; torch for fidelity references) loads once, before any test. Models are
+# made in child processes (_in_child).
+import numpy  # noqa: F401
 import pytest
+import safetensors  # noqa: F401
+import tokenizers  # noqa: F401
+import torch  # noqa: F401
 from filelock import FileLock
 
 from pytest_slmdeploy import tinydefects, tinymodel
-from pytest_slmdeploy.tinydefects import OutlierReport, add_outlier_channels
-from pytest_slmdeploy.tinymodel import FAQ, TinyModelSpec, make_tiny_chat_model
+from pytest_slmdeploy.tinydefects import OutlierReport
+from pytest_slmdeploy.tinymodel import FAQ, TinyModelSpec
 
 
 def _shared_model(tmp_path_factory: pytest.TempPathFactory, name: str, spec: TinyModelSpec) -> Path:
@@ -26,8 +34,33 @@ def _shared_model(tmp_path_factory: pytest.TempPathFactory, name: str, spec: Tin
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").is_file():
-            make_tiny_chat_model(target, spec)
+            _in_child(MAKE_MODEL, str(target), pickle.dumps(spec).hex())
     return target
+
+
+MAKE_MODEL = """
+import pickle, sys
+from pathlib import Path
+from pytest_slmdeploy.tinymodel import make_tiny_chat_model
+make_tiny_chat_model(Path(sys.argv[1]), pickle.loads(bytes.fromhex(sys.argv[2])))
+"""
+
+
+MAKE_OUTLIER = """
+import dataclasses, json, sys
+from pathlib import Path
+from pytest_slmdeploy.tinydefects import add_outlier_channels
+report = add_outlier_channels(Path(sys.argv[1]), Path(sys.argv[2]), scale=40.0)
+Path(sys.argv[3]).write_text(json.dumps({**dataclasses.asdict(report), "out_dir": str(report.out_dir)}))
+"""
+
+
+def _in_child(code: str, *args: str) -> None:
+    """Make a model in a child process. In this one, the pytester fixture unloads what a test imported, and
+    torch's native parts cannot load twice: training inside a test would break the next test's training."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"making a test model failed ({args[0]}):\n{done.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -140,9 +173,7 @@ def outlier(tiny_model: Path, fidelity_root: Path) -> OutlierReport:
     record = target.with_suffix(".json")
     with FileLock(str(target) + ".lock"):
         if not record.is_file():
-            report = add_outlier_channels(tiny_model, target, scale=40.0)
-            fields = {**dataclasses.asdict(report), "out_dir": str(report.out_dir)}
-            record.write_text(json.dumps(fields))
+            _in_child(MAKE_OUTLIER, str(tiny_model), str(target), str(record))
     saved = json.loads(record.read_text())
     return OutlierReport(
         out_dir=Path(saved["out_dir"]),

@@ -71,7 +71,7 @@ INSIDE_AND_ADDED: dict[str, tuple[dict[str, int], dict[str, int]]] = {
         {"<unk>": 0, "<s>": 1, "</s>": 2},
         {"<|endoftext|>": 0, "<|assistant|>": 1, "<|system|>": 6, "<|end|>": 7, "<|user|>": 10},
     ),
-    "gemma2": ({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}, {}),
+    "gemma2": ({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}, {}),
     "mistral": ({"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4}, {}),
     "smollm2": ({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}, {}),
 }
