@@ -159,7 +159,7 @@ BAD_OPTIONS: list[tuple[str, list[str], str]] = [
     ("nan-limit", ["-o", "slm_lengths_decode_band=nan"], "*slm_lengths_decode_band = nan must be a finite number*"),
     (
         "rounds-below-minimum",
-        ["-o", "slm_lengths_max_rounds=4"],
+        ["-o", "slm_lengths_min_rounds=5", "-o", "slm_lengths_max_rounds=4"],
         "*slm_lengths_max_rounds = 4 is below slm_lengths_min_rounds = 5*",
     ),
     ("maybe-bool", ["-o", "slm_rebuild=maybe"], "*slm_rebuild: invalid truth value 'maybe': use true or false*"),

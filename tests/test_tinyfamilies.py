@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytest_slmdeploy.template import CHATML_TEMPLATE, TemplateError, render_chat
-from pytest_slmdeploy.tinyfamilies import FAMILIES, LLAMA3_DATES, family, generic_pairs
+from pytest_slmdeploy.tinyfamilies import FAMILIES, LLAMA3_DATES, family, filler_pairs, generic_pairs
 from pytest_slmdeploy.tinymodel import FAQ, TinyModelSpec, family_spec, make_family_tokenizer, render_prompt
 
 KEYS = [key for key in FAMILIES if key != "chatml"]
@@ -115,7 +115,7 @@ def test_the_default_spec_is_the_chatml_model() -> None:
     assert TinyModelSpec().chat_template == CHATML_TEMPLATE
     assert TinyModelSpec(family="gemma2").chat_template == family("gemma2").chat_template
     assert TinyModelSpec(family="gemma2", chat_template=None).chat_template is None
-    assert family_spec("phi3").extra_pairs == generic_pairs()
+    assert family_spec("phi3").extra_pairs == (*generic_pairs(), *filler_pairs())
     with pytest.raises(ValueError, match=r"unknown model family 'llama2'.*llama3"):
         TinyModelSpec(family="llama2")
 
