@@ -99,6 +99,26 @@ def metrics_of(properties: Iterable[tuple[str, Any]]) -> dict[str, float]:
     return {k.removeprefix(BENCH_PREFIX): float(v) for k, v in properties if k.startswith(BENCH_PREFIX)}
 
 
+def bare_decode(native_model: Any, prompt_ids: Sequence[int], new_tokens: int) -> tuple[int, float]:
+    """A bare onnxruntime_genai greedy loop of exactly ``new_tokens`` tokens, as its own benchmark decodes:
+    (tokens decoded after the first, seconds from the first token to the last). No plugin code in the loop."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(native_model)
+    total = len(prompt_ids) + new_tokens
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(native_model, params)
+    generator.append_tokens(list(prompt_ids))
+    generator.generate_next_token()
+    generator.get_next_tokens()
+    start, count = time.perf_counter(), 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        generator.get_next_tokens()
+        count += 1
+    return count, time.perf_counter() - start
+
+
 def memory_bandwidth_bytes_per_s(size_mb: int = 256, repeats: int = 5) -> float:
     """Copy bandwidth (bytes read + written per second), the bound of memory-bound decoding."""
     import numpy as np

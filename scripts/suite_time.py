@@ -33,6 +33,7 @@ from typing import Any
 from bench_0p5b import make_model  # sibling scripts (scripts/ is on sys.path)
 from under_load import run_suite
 
+from pytest_slmdeploy.bench import bare_decode
 from pytest_slmdeploy.report import FAMILIES, FAMILY_PROPERTY
 
 PROMPT_TOKENS = 128
@@ -136,21 +137,9 @@ def prompt_ids(tokenizer: Any, count: int) -> list[int]:
     return ids[-count:]
 
 
-def decode_round(og: Any, model: Any, ids: list[int]) -> float:
+def decode_round(model: Any, ids: list[int]) -> float:
     """One greedy answer of exactly NEW_TOKENS tokens: (new tokens - 1) / seconds from the first to the last."""
-    params = og.GeneratorParams(model)
-    total = len(ids) + NEW_TOKENS
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    generator.generate_next_token()
-    generator.get_next_tokens()
-    start, count = time.perf_counter(), 0
-    while not generator.is_done():
-        generator.generate_next_token()
-        generator.get_next_tokens()
-        count += 1
-    seconds = time.perf_counter() - start
+    count, seconds = bare_decode(model, ids, NEW_TOKENS)
     if count != NEW_TOKENS - 1:
         raise SystemExit(f"the answer length was not fixed: {count + 1} new tokens, not {NEW_TOKENS}")
     return count / seconds
@@ -166,8 +155,8 @@ def bare_decode_tps(model_dir: Path) -> tuple[float, list[float]]:
     if len(ids) + NEW_TOKENS > context:
         raise SystemExit(f"{len(ids)} + {NEW_TOKENS} tokens do not fit the {context}-token context")
     for _ in range(WARMUP_ROUNDS):
-        decode_round(og, model, ids)
-    rounds = [decode_round(og, model, ids) for _ in range(TIMED_ROUNDS)]
+        decode_round(model, ids)
+    rounds = [decode_round(model, ids) for _ in range(TIMED_ROUNDS)]
     return statistics.median(rounds), rounds
 
 

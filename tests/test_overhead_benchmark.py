@@ -7,12 +7,12 @@ decide that the plugin is slower by more than the budget (DESIGN: within 5%).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from statistics import median
 
 import pytest
 
+from pytest_slmdeploy.bench import bare_decode
 from pytest_slmdeploy.runtime import open_model
 from pytest_slmdeploy.stats import compare, interleaved
 
@@ -21,8 +21,6 @@ NEW_TOKENS = 32
 
 
 def test_plugin_decodes_as_fast_as_a_bare_loop(warm_cache: Path, record_property: pytest.RecordProperty) -> None:
-    import onnxruntime_genai as og
-
     model = open_model("ort-genai", warm_cache / "custom" / "faq-int4", cache_root=warm_cache, model_name="faq-int4")
     backend = model.backend
     prompt_ids = backend.encode(backend.render("Hello"))  # type: ignore[attr-defined]
@@ -30,19 +28,8 @@ def test_plugin_decodes_as_fast_as_a_bare_loop(warm_cache: Path, record_property
 
     def bare() -> float:
         """Seconds per token after the first, as onnxruntime-genai's own benchmark loop decodes."""
-        params = og.GeneratorParams(native)
-        total = len(prompt_ids) + NEW_TOKENS
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        generator = og.Generator(native, params)
-        generator.append_tokens(prompt_ids)
-        generator.generate_next_token()
-        generator.get_next_tokens()
-        start, count = time.perf_counter(), 0
-        while not generator.is_done():
-            generator.generate_next_token()
-            generator.get_next_tokens()
-            count += 1
-        return (time.perf_counter() - start) / count
+        count, seconds = bare_decode(native, prompt_ids, NEW_TOKENS)
+        return seconds / count
 
     def ours() -> float:
         answer = model.generate("Hello", max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
