@@ -273,12 +273,13 @@ def _ladder(args: argparse.Namespace, cache_dir: Path, config: ProjectConfig) ->
     from pytest_slmdeploy.fidelity import prompt_set
     from pytest_slmdeploy.items import model_case_files
     from pytest_slmdeploy.ladder import run_ladder
-    from pytest_slmdeploy.settings import resolve_limits
+    from pytest_slmdeploy.settings import resolve_limits, resolve_threads
 
     model = args.model.resolve()
     settings = Settings(
         model=model,
         cache_dir=cache_dir,
+        threads=resolve_threads(config.values.get("slm_threads")),  # as a pytest run here would use
         name=check_model_name(args.name) if args.name else None,
         chat_template=args.chat_template,
         trust_remote_code=args.trust_remote_code,

@@ -506,13 +506,13 @@ class FidelityResult:
         return "\n".join(lines)
 
 
-def _load_model(model_dir: Path) -> Any:
-    import onnxruntime_genai as og
+def _load_model(model_dir: Path, threads: int | None) -> Any:
+    from pytest_slmdeploy.runtime.ortgenai import load_native
 
     if not (model_dir / "genai_config.json").is_file():
         raise FidelityError(f"{model_dir} holds no genai_config.json: not an ONNX Runtime GenAI model")
     try:
-        return og.Model(str(model_dir))
+        return load_native(model_dir, threads)
     except Exception as exc:  # the native library raises plain RuntimeError
         raise FidelityError(f"ONNX Runtime GenAI cannot load {model_dir}: {describe(exc)}") from None
 
@@ -532,7 +532,11 @@ def _last_logits(generator: Any) -> NDArray[np.float64]:
 
 
 def score(
-    model_dir: str | Path, references: References, *, progress: Progress = lambda message: None
+    model_dir: str | Path,
+    references: References,
+    *,
+    progress: Progress = lambda message: None,
+    threads: int | None = None,
 ) -> FidelityResult:
     """Teacher-force the installed model on the reference tokens and compare it with the source, position by position.
 
@@ -544,7 +548,7 @@ def score(
 
     start = time.perf_counter()
     folder = Path(model_dir)
-    model = _load_model(folder)
+    model = _load_model(folder, threads)
     tokenizer = og.Tokenizer(model)
     offsets = references.offsets
     rows: list[PromptFidelity] = []
@@ -683,12 +687,13 @@ def deployed_answers(
     indices: Sequence[int] | None = None,
     *,
     max_new_tokens: int | None = None,
+    threads: int | None = None,
 ) -> dict[int, str]:
     """The deployed model's own greedy answers (text) to the reference prompt ids, for a failure message."""
     import onnxruntime_genai as og
 
     folder = Path(model_dir)
-    model = _load_model(folder)
+    model = _load_model(folder, threads)
     tokenizer = og.Tokenizer(model)
     config = json.loads((folder / "genai_config.json").read_text())
     eos = config["model"].get("eos_token_id", [])

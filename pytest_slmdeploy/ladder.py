@@ -160,7 +160,9 @@ class RungJudge:
         plan = self.plans[precision] = prepare(settings, adjust_recipe=self.adjust_recipe)
         self.progress(f"precision ladder: {precision} ({plan.name})")
         deployment = self.deployments[precision] = deploy(plan, progress=self.progress)
-        result = fidelity.score(deployment.entry_dir, self.references(), progress=self.progress)
+        result = fidelity.score(
+            deployment.entry_dir, self.references(), progress=self.progress, threads=self.settings.threads
+        )
         reasons = list(self.limits.violations(result))
         missed = self._cases(deployment)
         if missed:
@@ -168,7 +170,7 @@ class RungJudge:
             reasons.append(
                 f"{len(missed)}/{len(self.cases)} domain cases missed (first: {case_id!r}: {', '.join(what)})"
             )
-        speed = _measure_speed(deployment.entry_dir) if self.measure_speed else {}
+        speed = _measure_speed(deployment.entry_dir, threads=self.settings.threads) if self.measure_speed else {}
         manifest = deployment.manifest
         return Rung(
             precision=precision,
@@ -198,7 +200,7 @@ class RungJudge:
         from pytest_slmdeploy.runtime import open_model
 
         model = open_model("ort-genai", deployment.entry_dir, cache_root=self.settings.cache_dir,
-                           model_name=deployment.name)  # fmt: skip
+                           model_name=deployment.name, threads=self.settings.threads)  # fmt: skip
         try:
             results = [
                 check_case(case, model.generate(list(case.messages), max_new_tokens=case.max_tokens))
@@ -224,7 +226,8 @@ def peak_bytes():
 
 from pytest_slmdeploy.checklist.lengths import prompt_of_tokens
 from pytest_slmdeploy.runtime import open_model
-model = open_model("ort-genai", Path(sys.argv[1]), cache_root=Path(sys.argv[1]), model_name="ladder")
+model = open_model("ort-genai", Path(sys.argv[1]), cache_root=Path(sys.argv[1]), model_name="ladder",
+                   threads=int(sys.argv[5]))
 backend = model.backend
 prompt = prompt_of_tokens(int(sys.argv[2]), lambda text: len(backend.encode(backend.render(text))))
 new = int(sys.argv[3])
@@ -238,10 +241,10 @@ print(json.dumps({
 
 
 def _measure_speed(
-    entry_dir: Path, prompt_tokens: int = 128, new_tokens: int = 32, rounds: int = 5
+    entry_dir: Path, prompt_tokens: int = 128, new_tokens: int = 32, rounds: int = 5, *, threads: int = 0
 ) -> dict[str, float]:
     """Median decode tok/s and TTFT at a 128-token prompt, and the peak RSS of a process that runs the model."""
-    args = [str(entry_dir), str(prompt_tokens), str(new_tokens), str(rounds)]
+    args = [str(entry_dir), str(prompt_tokens), str(new_tokens), str(rounds), str(threads)]
     done = subprocess.run([sys.executable, "-c", _SPEED, *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]

@@ -148,7 +148,8 @@ class SlmDeploySession:
             )
             key = (deployment.entry_dir, references.key)
             if key not in self._fidelity:
-                self._fidelity[key] = fidelity.score(deployment.entry_dir, references, progress=self.progress)
+                self._fidelity[key] = fidelity.score(deployment.entry_dir, references, progress=self.progress,
+                                                              threads=self.settings.threads)  # fmt: skip
         except SlmDeployError as exc:
             pytest.fail(f"slmdeploy: {exc}", pytrace=False)
         return references, self._fidelity[key]
@@ -181,7 +182,8 @@ class SlmDeploySession:
 
         deployment = self.deployment()
         try:
-            return open_model(backend, deployment.entry_dir, cache_root=self.cache.root, model_name=deployment.name)
+            return open_model(backend, deployment.entry_dir, cache_root=self.cache.root, model_name=deployment.name,
+                              threads=self.settings.threads)  # fmt: skip
         except SlmDeployError as exc:
             pytest.fail(f"slmdeploy: {exc}", pytrace=False)
 
@@ -228,7 +230,7 @@ class SlmDeploySession:
             f"slmdeploy: {plan.source.path} ({plan.source.architecture}) -> {plan.name} [{self._precision_label()}]",
             f"slmdeploy: cache {plan.cache.entry_dir(plan.name)}: {status}",
             f"slmdeploy: fingerprint {plan.source_fingerprint[:12]}, {tools}, CPUExecutionProvider, "
-            f"backend {self.settings.backend}",
+            f"backend {self.settings.backend}, {_threads_label(self.settings.threads)}",
         ]
 
     @pytest.hookimpl(trylast=True)
@@ -511,3 +513,7 @@ class BenchmarkGatesItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, None, GATE_ITEM_ID
+
+
+def _threads_label(threads: int) -> str:
+    return f"{threads} thread{'s' if threads != 1 else ''}" if threads else "ONNX Runtime's default threads"

@@ -29,6 +29,14 @@ def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(base).expanduser() / "slmdeploy"
 
 
+def auto_threads(env: Mapping[str, str] | None = None) -> int:
+    """The CPUs this process may use, shared out among pytest-xdist workers (at least 1)."""
+    env = os.environ if env is None else env
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = int(env.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return max(1, cpus // max(1, workers))
+
+
 def check_model_name(name: str) -> str:
     """Return ``name`` if it is a safe single folder name for ``custom/<name>/``."""
     if not _NAME_RE.match(name) or ".." in name:
@@ -134,6 +142,7 @@ class Settings:
     chat_template: str = "auto"
     trust_remote_code: bool = False
     lock_timeout: float = 1800.0
+    threads: int = field(default_factory=auto_threads)  # ONNX Runtime GenAI intra-op threads (0: its own default)
     suite: bool = True
     fail_inconclusive: bool = False
     report: Path | None = None
@@ -209,6 +218,7 @@ def resolve_settings(
         raise SettingsError(f"slm_lock_timeout = {timeout_text!r} is not a number of seconds") from None
     if not math.isfinite(lock_timeout) or lock_timeout < 0:
         raise SettingsError(f"slm_lock_timeout = {timeout_text} must be a finite number of seconds, 0 or more")
+    threads = resolve_threads(get("slm_threads"), env)
     chat_template = text("slm_chat_template", "auto")
     if chat_template not in CHAT_TEMPLATE_BUILTINS:
         template_path = path("slm_chat_template")
@@ -225,6 +235,7 @@ def resolve_settings(
         chat_template=chat_template,
         trust_remote_code=_as_bool("slm_trust_remote_code", get("slm_trust_remote_code") or False),
         lock_timeout=lock_timeout,
+        threads=threads,
         suite=_as_bool("slm_suite", True if get("slm_suite") is None else get("slm_suite")),
         fail_inconclusive=_as_bool("slm_fail_inconclusive", get("slm_fail_inconclusive") or False),
         report=path("slm_report"),
@@ -249,6 +260,17 @@ def resolve_limits(get: Callable[[str], object | None]) -> dict[str, float]:
             f"{limits['lengths_min_rounds']:g}: raise it or lower the minimum"
         )
     return limits
+
+
+def resolve_threads(value: object | None, env: Mapping[str, str] | None = None) -> int:
+    """``slm_threads``: ``auto`` (or unset) is the CPUs this process may use, shared among pytest-xdist
+    workers; else a whole number (0: ONNX Runtime's own default)."""
+    value = "auto" if value in (None, "") else str(value).strip()
+    if value.lower() == "auto":
+        return auto_threads(env)
+    if not value.isdigit():
+        raise SettingsError(f"slm_threads = {value!r} is not auto or a whole number (0: ONNX Runtime's default)")
+    return int(value)
 
 
 def _gates(value: object | None) -> list[str]:

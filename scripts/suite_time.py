@@ -149,7 +149,9 @@ def bare_decode_tps(model_dir: Path) -> tuple[float, list[float]]:
     """Median decode tok/s of a bare onnxruntime_genai loop on the installed model (no plugin code), and the rounds."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
+    from pytest_slmdeploy.runtime.ortgenai import load_native
+
+    model = load_native(model_dir)  # the suite's default threads (slm_threads = auto)
     ids = prompt_ids(og.Tokenizer(model), PROMPT_TOKENS)
     context = int(json.loads((model_dir / "genai_config.json").read_text())["model"]["context_length"])
     if len(ids) + NEW_TOKENS > context:

@@ -146,6 +146,7 @@ BAD_OPTIONS: list[tuple[str, list[str], str]] = [
         ["--slm-lock-timeout", "nan"],
         "*slm_lock_timeout = nan must be a finite number of seconds, 0 or more*",
     ),
+    ("threads-word", ["--slm-threads", "many"], "*slm_threads = 'many' is not auto or a whole number*"),
     (
         "vacuous-soak",
         ["-o", "slm_memory_generations=0"],

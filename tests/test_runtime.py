@@ -115,3 +115,29 @@ def test_a_model_that_cannot_load_is_caught_before_install(warm_cache: Path, tmp
         BuildError, match=r"does not load and generate in ONNX Runtime GenAI \(.*Unsupported model_type.*bert\)"
     ):
         check_loads(entry)
+
+
+def test_threads_reach_onnx_runtime(warm_cache: Path) -> None:
+    """slm_threads is ONNX Runtime's intra-op pool: N threads are N - 1 pool workers beside the caller's."""
+    import psutil
+
+    from pytest_slmdeploy.runtime.ortgenai import load_native
+
+    entry, process = warm_cache / "custom" / "faq-int4", psutil.Process()
+    load_native(entry, 1)  # the first load also starts the library's own threads
+
+    def workers(threads: int) -> int:
+        before = process.num_threads()
+        model = load_native(entry, threads)
+        try:
+            return process.num_threads() - before
+        finally:
+            del model
+
+    assert workers(3) - workers(1) == 2
+    assert (
+        open_model("ort-genai", entry, cache_root=warm_cache, model_name="faq-int4", threads=2)
+        .generate("Where is the office?", max_new_tokens=48)
+        .finish_reason
+        == "stop"
+    )

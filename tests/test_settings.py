@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from pytest_slmdeploy.errors import SettingsError
-from pytest_slmdeploy.settings import check_model_name, default_cache_dir, default_model_name, resolve_settings
+from pytest_slmdeploy.settings import (
+    check_model_name,
+    default_cache_dir,
+    default_model_name,
+    resolve_settings,
+    resolve_threads,
+)
 
 
 def _resolve(values: dict[str, object], env: dict[str, str] | None = None) -> object:
@@ -59,3 +66,14 @@ def test_default_names_and_cache() -> None:
     assert check_model_name(default_model_name(Path("/m/.."), "int4"))
     assert default_cache_dir({"SLMDEPLOY_CACHE": "/c"}) == Path("/c")
     assert default_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/slmdeploy")
+
+
+def test_threads() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert _resolve({}).threads == cpus  # type: ignore[attr-defined]
+    assert _resolve({"slm_threads": "auto"}, {"PYTEST_XDIST_WORKER_COUNT": "2"}).threads == max(1, cpus // 2)  # type: ignore[attr-defined]
+    assert _resolve({"slm_threads": "64"}, {"PYTEST_XDIST_WORKER_COUNT": str(4 * cpus)}).threads == 64  # type: ignore[attr-defined]
+    assert resolve_threads("auto", {"PYTEST_XDIST_WORKER_COUNT": str(4 * cpus)}) == 1
+    assert resolve_threads("0") == 0  # ONNX Runtime's own default
+    with pytest.raises(SettingsError, match=r"slm_threads = '-2' is not auto or a whole number"):
+        _resolve({"slm_threads": "-2"})

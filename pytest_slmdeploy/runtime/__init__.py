@@ -93,12 +93,15 @@ class SlmModel:
         self.backend.close()
 
 
-def open_model(backend: str, model_dir: Path, *, cache_root: Path, model_name: str) -> SlmModel:
-    """Load the installed model with ``backend`` (``ort-genai`` or ``foundry``)."""
+def open_model(
+    backend: str, model_dir: Path, *, cache_root: Path, model_name: str, threads: int | None = None
+) -> SlmModel:
+    """Load the installed model with ``backend`` (``ort-genai`` or ``foundry``); ``threads``: ONNX Runtime
+    GenAI's intra-op threads (None: the CPUs this process may use; 0: ONNX Runtime's default)."""
     if backend == "ort-genai":
         from pytest_slmdeploy.runtime.ortgenai import OrtGenaiBackend
 
-        return SlmModel(OrtGenaiBackend(model_dir))
+        return SlmModel(OrtGenaiBackend(model_dir, threads))
     if backend == "foundry":
         from pytest_slmdeploy.runtime.foundrylocal import FoundryLocalBackend
 

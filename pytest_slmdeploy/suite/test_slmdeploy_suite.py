@@ -248,7 +248,8 @@ def test_faithful_to_the_source(
     if result.passes(limits):
         return
     worst = [p.index for p in result.worst(3)]
-    answers = fidelity.deployed_answers(slm_deployment.entry_dir, slm_fidelity.references, worst)
+    threads = slm_session(request.config).settings.threads
+    answers = fidelity.deployed_answers(slm_deployment.entry_dir, slm_fidelity.references, worst, threads=threads)
     pytest.fail(result.message(limits, answers), pytrace=False)
 
 
@@ -344,7 +345,7 @@ def test_no_leak_over_load_unload(
 
     def cycle(_: int) -> None:
         model = open_model("ort-genai", slm_deployment.entry_dir, cache_root=slm_settings.cache_dir,
-                           model_name=slm_deployment.name)  # fmt: skip
+                           model_name=slm_deployment.name, threads=slm_settings.threads)  # fmt: skip
         model.generate(SMOKE_PROMPT, max_new_tokens=4)
         model.close()
 
