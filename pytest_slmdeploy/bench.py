@@ -72,9 +72,13 @@ class GenerationStats:
     ttft_spread: float
     peak_rss_mb: float
     cpu_percent: float
+    decode_interval: float = 0.0  # width of the 95% interval of the median, as a share of it
+    ttft_interval: float = 0.0
 
     @classmethod
     def of(cls, runs: Sequence[Generation], peak_rss: int, cpu_percent: float) -> GenerationStats:
+        from pytest_slmdeploy.stats import relative_width
+
         ttfts = [r.ttft_s for r in runs]
         decodes = [r.decode_tokens_per_s for r in runs]
         return cls(
@@ -89,7 +93,14 @@ class GenerationStats:
             ttft_spread=round(spread(ttfts), 4),
             peak_rss_mb=round(peak_rss / 1e6, 1),
             cpu_percent=round(cpu_percent, 1),
+            decode_interval=round(relative_width(decodes), 4),
+            ttft_interval=round(relative_width(ttfts), 4),
         )
+
+    @property
+    def precision(self) -> float:
+        """The wider of the two intervals (decode tok/s, TTFT), as a share of the median."""
+        return max(self.decode_interval, self.ttft_interval)
 
 
 BENCH_PREFIX = "slm_bench:"  # user property "slm_bench:<metric>" -> value (travels like figures under xdist)
@@ -380,8 +391,12 @@ class LlmBenchmark:
     ) -> None:
         self.benchmark, self.model, self.record = benchmark, model, record
         self.rounds = int(limits["benchmark_rounds"])
+        self.max_rounds = int(limits["benchmark_max_rounds"])
+        self.precision = float(limits["benchmark_precision"])
+        self.seconds = float(limits["benchmark_seconds"])
         self.warmup = int(limits["benchmark_warmup"])
         self.new_tokens = int(limits["benchmark_new_tokens"])
+        self.taken: RoundsTaken | None = None
 
     def __call__(
         self,
@@ -395,7 +410,9 @@ class LlmBenchmark:
         """Time ``prompt``; with ``prompt_tokens`` given, the warm-up is skipped when the session already ran a
         sequence at least that long (the first prefill at a new length allocates; later ones up to it do not).
         ``shared``: rounds of this very request measured already (the length sweep's): they count towards
-        ``slm_benchmark_rounds``, and pytest-benchmark times the rest (at least one)."""
+        ``slm_benchmark_rounds``, and pytest-benchmark times the rest (at least one). Past the minimum, rounds
+        go on while the figures' intervals are wider than ``slm_benchmark_precision`` (up to
+        ``slm_benchmark_max_rounds`` and ``slm_benchmark_seconds``); :attr:`taken` says how many of each."""
         n = new_tokens or self.new_tokens
         runs: list[Generation] = []
         warmup = self.warmup
@@ -411,11 +428,40 @@ class LlmBenchmark:
         process.cpu_percent(None)
         with PeakRss() as rss:
             self.benchmark.pedantic(one, rounds=rounds, warmup_rounds=warmup, iterations=1)
-        timed = runs[-rounds:]  # pedantic's warm-up rounds come first (none if benchmarks are disabled)
-        stats = GenerationStats.of([*shared, *timed], rss.peak, process.cpu_percent(None))
+            measured = [*shared, *runs[-rounds:]]  # pedantic's warm-up rounds come first (none if disabled)
+            start = time.perf_counter()
+            while (
+                len(measured) < self.max_rounds
+                and GenerationStats.of(measured, 0, 0).precision > self.precision
+                and time.perf_counter() - start < self.seconds
+            ):
+                one()
+                measured.append(runs[-1])
+        stats = GenerationStats.of(measured, rss.peak, process.cpu_percent(None))
+        self.taken = RoundsTaken(len(shared), rounds, len(measured) - len(shared) - rounds)
         self.benchmark.extra_info["shared_rounds"] = len(shared)
+        self.benchmark.extra_info["extra_rounds"] = self.taken.extra
         self.benchmark.extra_info.update(asdict(stats))
         if reference:
             for key in ("ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "peak_rss_mb", "cpu_percent"):
                 self.record(f"{BENCH_PREFIX}{key}", getattr(stats, key))
         return stats
+
+
+@dataclass(frozen=True)
+class RoundsTaken:
+    """Where a benchmark's rounds came from: the length sweep, pytest-benchmark, and more for the spread."""
+
+    shared: int
+    timed: int
+    extra: int
+
+    @property
+    def total(self) -> int:
+        return self.shared + self.timed + self.extra
+
+    def describe(self) -> str:
+        parts = [f"{self.shared} from lengths"] * bool(self.shared) + [f"{self.extra} more for the spread"] * bool(
+            self.extra
+        )
+        return f"{self.total}" + (f" ({', '.join(parts)})" if parts else "")

@@ -81,7 +81,17 @@ LIMITS: dict[str, tuple[float, str]] = {
     "fidelity_min_identical": (0.0, "share of answers that must be token for token the source's (0: not gated)"),
     "fidelity_max_new_tokens": (32, "length of the source's reference answers, in tokens"),
     "fidelity_max_prompts": (24, "prompts scored: the domain cases first, then the built-in prompts"),
-    "benchmark_rounds": (3, "timed generations per benchmark (after warm-up)"),
+    "benchmark_rounds": (
+        3,
+        "timed generations per benchmark at least (after warm-up; rounds shared with lengths count)",
+    ),
+    "benchmark_max_rounds": (20, "most timed generations per benchmark, when the spread asks for more"),
+    "benchmark_precision": (
+        0.1,
+        "rounds go on until the 95% interval of the median decode tok/s and TTFT spans at most "
+        "this share of it (the default gates allow 15% and 25%)",
+    ),
+    "benchmark_seconds": (20, "time budget in seconds of the rounds past the minimum, per benchmark"),
     "benchmark_warmup": (1, "untimed generations before a benchmark (none when the session ran as long a prompt)"),
     "benchmark_new_tokens": (32, "answer length of a benchmark generation (fixed: the end token is ignored)"),
 }
@@ -110,6 +120,9 @@ LIMIT_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "fidelity_max_new_tokens": (1, _INF, True, "tokens"),
     "fidelity_max_prompts": (1, _INF, True, "prompts"),
     "benchmark_rounds": (1, _INF, True, "rounds"),
+    "benchmark_max_rounds": (1, _INF, True, "rounds"),
+    "benchmark_precision": (0, _INF, False, "a share of the median"),
+    "benchmark_seconds": (0, _INF, False, "seconds"),
     "benchmark_warmup": (0, _INF, True, "rounds"),
     "benchmark_new_tokens": (2, _INF, True, "decode speed needs two tokens"),
 }

@@ -118,6 +118,26 @@ def compare(
     return Comparison(what, tuple(a), tuple(b), factor, slack, low, high, unit)
 
 
+def median_interval(
+    values: Sequence[float], *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """Bootstrap interval of the median of ``values`` (with three rounds: about their range)."""
+    if not values:
+        raise ValueError("no values")
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(median(values[rng.randrange(n)] for _ in range(n)) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    return medians[int(tail * (resamples - 1))], medians[int((1 - tail) * (resamples - 1))]
+
+
+def relative_width(values: Sequence[float], **options: float) -> float:
+    """Width of the median's interval as a share of the median (0.04: the interval spans 4% of it)."""
+    low, high = median_interval(values, **options)  # type: ignore[arg-type]
+    mid = median(values)
+    return (high - low) / abs(mid) if mid else float("inf")
+
+
 def interleaved(
     conditions: Sequence[Callable[[], T]],
     *,

@@ -33,6 +33,69 @@ def test_stats_of_generations() -> None:
     assert bench.spread([90.0, 100.0, 110.0, 120.0]) == pytest.approx(0.19, abs=0.01)
 
 
+class _Pedantic:
+    """pytest-benchmark's fixture as LlmBenchmark uses it: warm-up rounds, then timed rounds, once."""
+
+    def __init__(self) -> None:
+        self.extra_info: dict[str, object] = {}
+        self.timed = 0
+
+    def pedantic(self, target: object, *, rounds: int, warmup_rounds: int, iterations: int) -> None:
+        for _ in range(warmup_rounds + rounds):
+            target()  # type: ignore[operator]
+        self.timed = rounds
+
+
+class _Model:
+    """Answers with decode times taken in turn from ``per_token_s`` (seconds per token)."""
+
+    def __init__(self, per_token_s: list[float]) -> None:
+        self.per_token_s, self.calls = per_token_s, 0
+
+    def generate(self, prompt: str, *, max_new_tokens: int, min_new_tokens: int) -> Generation:
+        per_token = self.per_token_s[self.calls % len(self.per_token_s)]
+        self.calls += 1
+        return Generation("x", 100, max_new_tokens, "length", 0.1, 0.1 + per_token * (max_new_tokens - 1), ())
+
+
+def _limits(**changes: float) -> dict[str, float]:
+    from pytest_slmdeploy.settings import LIMITS
+
+    return {**{key: default for key, (default, _) in LIMITS.items()}, **changes}
+
+
+def _shared(count: int) -> list[Generation]:
+    return [Generation("x", 100, 32, "length", 0.1, 0.1 + 0.01 * 31, ())] * count
+
+
+@pytest.mark.parametrize(
+    ("per_token_s", "shared", "timed", "extra"),
+    [
+        ([0.01], 0, 3, 0),  # steady: the minimum is enough
+        ([0.01], 3, 1, 0),  # the length sweep's rounds count; pytest-benchmark still times one
+        ([0.01, 0.02, 0.015], 0, 3, 17),  # +-33% around the median never narrows: up to slm_benchmark_max_rounds
+        ([0.01, 0.02, 0.0101, 0.0099, 0.01, 0.0102, 0.01, 0.0098], 0, 3, 4),  # one outlier: a few more rounds
+    ],
+)
+def test_benchmark_rounds_adapt_to_the_spread(per_token_s: list[float], shared: int, timed: int, extra: int) -> None:
+    fixture, model = _Pedantic(), _Model(per_token_s)
+    llm = bench.LlmBenchmark(fixture, model, lambda name, value: None, _limits(benchmark_warmup=0))
+    stats = llm(("Hello"), new_tokens=32, shared=_shared(shared))
+    assert llm.taken == bench.RoundsTaken(shared, timed, extra)
+    assert fixture.timed == timed
+    assert stats.rounds == shared + timed + extra
+    assert (stats.precision <= 0.1) is (extra < 17)
+    assert fixture.extra_info["extra_rounds"] == extra
+
+
+def test_benchmark_rounds_stop_at_the_time_budget() -> None:
+    llm = bench.LlmBenchmark(_Pedantic(), _Model([0.01, 0.02]), lambda n, v: None, _limits(benchmark_seconds=0))
+    llm("Hello", new_tokens=32)
+    assert llm.taken == bench.RoundsTaken(0, 3, 0)
+    assert llm.taken.describe() == "3"
+    assert bench.RoundsTaken(3, 1, 2).describe() == "6 (3 from lengths, 2 more for the spread)"
+
+
 @pytest.mark.parametrize(
     ("gate", "value", "baseline", "fails"),
     [

@@ -63,7 +63,7 @@ def test_a_model_run_shows_the_compact_table_not_pytest_benchmarks(
             "*= slmdeploy =*",
             bench_table.TITLE,
             "  benchmark * prompt * TTFT ms * prefill tok/s * decode tok/s * spread * rounds * peak RSS MB",
-            "  test_speed * 3 *",
+            "  test_speed *",
             "  test_plain: median * ms over * rounds",
         ]
     )
@@ -74,7 +74,7 @@ def test_a_model_run_shows_the_compact_table_not_pytest_benchmarks(
     assert float(prefill) > 0
     assert float(decode) > 0
     assert spread.endswith("%")
-    assert int(rounds) == 3  # slm_benchmark_rounds
+    assert 3 <= int(rounds) <= 20  # slm_benchmark_rounds, then more while the spread is wide (max_rounds)
     assert float(rss) > 0
     table = out[out.index(bench_table.TITLE) :].splitlines()
     assert max(len(line) for line in table[: table.index(row) + 2]) <= 2 + 105

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,31 @@ def test_soak_verdicts() -> None:
     once = memory.SoakResult("soak", tuple(100_000_000 + (20_000_000 if i >= 15 else 0) for i in range(30)), 1.0)
     assert once.verdict(8_000) == "inconclusive"  # an arena growing once is not a steady leak
     assert once.judged(8_000, "8 kB").explain().startswith("inconclusive: soak: RSS grows")
+
+
+def test_theil_sen_interval() -> None:
+    low, high = memory.theil_sen_interval([5.0 * i for i in range(11)])
+    assert low == high == 5.0  # an exact line: every pairwise slope is its slope
+    noisy = [10.0 * i + (7 if i % 2 else -7) for i in range(11)]
+    low, high = memory.theil_sen_interval(noisy)
+    assert low < 10.0 < high
+    assert memory.theil_sen_interval([1.0, 2.0, 3.0]) == (-math.inf, math.inf)  # too few for 95%
+
+
+def test_a_soak_settles_early_only_when_more_steps_cannot_change_the_verdict() -> None:
+    flat = memory.SoakResult("soak", (100_000_000,) * 11, 1.0)
+    assert flat.settled(8_000)
+    assert flat.verdict(8_000) == "pass"
+    steady = memory.SoakResult("soak", tuple(100_000_000 + 1_000_000 * i for i in range(11)), 1.0)
+    assert steady.settled(8_000)
+    assert steady.verdict(8_000) == "fail"
+    # One arena step among 11 samples: the slope's interval straddles the limit, so the soak goes on.
+    once = memory.SoakResult("soak", tuple(100_000_000 + (20_000_000 if i >= 6 else 0) for i in range(11)), 1.0)
+    assert not once.settled(8_000)
+    # A leak just over the limit, hidden in page-sized steps: not settled as a pass.
+    pages = memory.SoakResult("soak", tuple(100_000_000 + 4096 * ((9 * i) // 4) for i in range(11)), 1.0)
+    assert pages.bytes_per_step > 8_000
+    assert not (pages.settled(8_000) and pages.verdict(8_000) == "pass")
 
 
 @pytest.mark.parametrize("at", [5, 11, 15, 22])

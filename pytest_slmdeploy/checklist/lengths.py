@@ -23,14 +23,26 @@ def prompt_of_tokens(target: int, count_tokens: Callable[[str], int], filler: st
         i += 1
 
 
-def sweep_lengths(context_length: int, *, max_tokens: int, points: int = 4, reserve: int = 16) -> list[int]:
-    """Prompt lengths from a few tokens up to the context (less ``reserve`` for the answer), geometric."""
+def sweep_lengths(
+    context_length: int, *, max_tokens: int, points: int = 4, reserve: int = 16, anchors: Sequence[int] = ()
+) -> list[int]:
+    """Prompt lengths from a few tokens up to the context (less ``reserve`` for the answer), geometric.
+
+    An inner point within half a step (geometrically) of one of ``anchors`` moves onto it: the benchmarks'
+    lengths, so that the sweep's rounds are also the benchmarks' (the same request, measured once)."""
     top = max(8, min(max_tokens, context_length - reserve))
     low = min(16, top)
     if points <= 1 or top == low:
         return [top]
     ratio = (top / low) ** (1 / (points - 1))
-    return sorted({round(low * ratio**i) for i in range(points)})
+    grid = [round(low * ratio**i) for i in range(points)]
+    free = sorted({a for a in anchors if low < a < top})
+    for i, point in enumerate(grid[1:-1], start=1):
+        near = [a for a in free if max(a, point) / min(a, point) <= ratio**0.5]
+        if near:
+            grid[i] = min(near, key=lambda a: max(a, point) / min(a, point))
+            free.remove(grid[i])
+    return sorted(set(grid))
 
 
 def answer_problems(answers: Sequence[Generation]) -> list[str]:

@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations, pairwise
-from statistics import median
+from statistics import NormalDist, median
 
 from pytest_slmdeploy.measure import rss_bytes
-from pytest_slmdeploy.stats import Verdict
+from pytest_slmdeploy.stats import CONFIDENCE, Verdict
+
+
+def _slopes(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
+    return [(y2 - y1) / (x2 - x1) for (x1, y1), (x2, y2) in combinations(zip(xs, ys, strict=True), 2) if x2 != x1]
 
 
 def theil_sen_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """The median of pairwise slopes: one noisy sample (an arena step) cannot make a trend."""
-    slopes = [(y2 - y1) / (x2 - x1) for (x1, y1), (x2, y2) in combinations(zip(xs, ys, strict=True), 2) if x2 != x1]
+    slopes = _slopes(xs, ys)
     return median(slopes) if slopes else 0.0
+
+
+def theil_sen_interval(ys: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Sen's distribution-free confidence interval of the slope of ``ys`` over 0, 1, 2, ...: order statistics
+    of the pairwise slopes, placed by the variance of Kendall's S (the no-ties variance: wider with ties)."""
+    n = len(ys)
+    slopes = sorted(_slopes(range(n), ys))
+    if not slopes:
+        return (-math.inf, math.inf)
+    c = NormalDist().inv_cdf(0.5 + confidence / 2) * math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
+    low, high = math.floor((len(slopes) - c) / 2), math.ceil((len(slopes) + c) / 2)
+    if low < 0 or high >= len(slopes):
+        return (-math.inf, math.inf)  # too few samples for an interval at this confidence
+    return slopes[low], slopes[high]
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,14 @@ class SoakResult:
         allowed_mb = limit_bytes_per_step * (len(self.rss) / 4) / 1e6
         rises = [later - earlier for earlier, later in pairwise(quarters)]
         return "fail" if len(rises) == 3 and min(rises) > allowed_mb / 2 else "inconclusive"
+
+    def settled(self, limit_bytes_per_step: float) -> bool:
+        """Whether more steps would not change the verdict: the slope's confidence interval lies wholly within the
+        limit (a pass), or wholly over it with a steady rise (a fail). A soak may stop here, before its budget."""
+        low, high = theil_sen_interval(self.rss)
+        if high <= limit_bytes_per_step:
+            return True
+        return low > limit_bytes_per_step and self.verdict(limit_bytes_per_step) == "fail"
 
     def judged(self, limit_bytes_per_step: float, limit_text: str) -> SoakVerdict:
         return SoakVerdict(self.verdict(limit_bytes_per_step), self, limit_text)
