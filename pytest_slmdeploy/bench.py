@@ -410,9 +410,10 @@ class LlmBenchmark:
         """Time ``prompt``; with ``prompt_tokens`` given, the warm-up is skipped when the session already ran a
         sequence at least that long (the first prefill at a new length allocates; later ones up to it do not).
         ``shared``: rounds of this very request measured already (the length sweep's): they count towards
-        ``slm_benchmark_rounds``, and pytest-benchmark times the rest (at least one). Past the minimum, rounds
-        go on while the figures' intervals are wider than ``slm_benchmark_precision`` (up to
-        ``slm_benchmark_max_rounds`` and ``slm_benchmark_seconds``); :attr:`taken` says how many of each."""
+        ``slm_benchmark_rounds``, and pytest-benchmark times the rest (at least one). Past the minimum, the
+        ``reference`` figures (the history's, which the gates judge) get more rounds while their intervals are
+        wider than ``slm_benchmark_precision`` (up to ``slm_benchmark_max_rounds`` and
+        ``slm_benchmark_seconds``); :attr:`taken` says how many of each."""
         n = new_tokens or self.new_tokens
         runs: list[Generation] = []
         warmup = self.warmup
@@ -431,7 +432,8 @@ class LlmBenchmark:
             measured = [*shared, *runs[-rounds:]]  # pedantic's warm-up rounds come first (none if disabled)
             start = time.perf_counter()
             while (
-                len(measured) < self.max_rounds
+                reference  # only figures that a gate judges need more than the minimum
+                and len(measured) < self.max_rounds
                 and GenerationStats.of(measured, 0, 0).precision > self.precision
                 and time.perf_counter() - start < self.seconds
             ):

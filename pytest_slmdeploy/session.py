@@ -148,8 +148,10 @@ class SlmDeploySession:
             )
             key = (deployment.entry_dir, references.key)
             if key not in self._fidelity:
+                # The session's own loaded model where it is an ORT GenAI one: no second copy to load.
+                loaded = self.model().backend.model if self.settings.backend == "ort-genai" else None
                 self._fidelity[key] = fidelity.score(deployment.entry_dir, references, progress=self.progress,
-                                                              threads=self.settings.threads)  # fmt: skip
+                                                     threads=self.settings.threads, model=loaded)  # fmt: skip
         except SlmDeployError as exc:
             pytest.fail(f"slmdeploy: {exc}", pytrace=False)
         return references, self._fidelity[key]

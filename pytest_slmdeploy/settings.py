@@ -81,15 +81,11 @@ LIMITS: dict[str, tuple[float, str]] = {
     "fidelity_min_identical": (0.0, "share of answers that must be token for token the source's (0: not gated)"),
     "fidelity_max_new_tokens": (32, "length of the source's reference answers, in tokens"),
     "fidelity_max_prompts": (24, "prompts scored: the domain cases first, then the built-in prompts"),
-    "benchmark_rounds": (
-        3,
-        "timed generations per benchmark at least (after warm-up; rounds shared with lengths count)",
-    ),
+    "benchmark_rounds": (3, "timed generations per benchmark at least (after warm-up; the length sweep's count)"),
     "benchmark_max_rounds": (20, "most timed generations per benchmark, when the spread asks for more"),
     "benchmark_precision": (
-        0.1,
-        "rounds go on until the 95% interval of the median decode tok/s and TTFT spans at most "
-        "this share of it (the default gates allow 15% and 25%)",
+        0.15,
+        "history figures get rounds until their median's 95 percent interval spans at most this share of it",
     ),
     "benchmark_seconds": (20, "time budget in seconds of the rounds past the minimum, per benchmark"),
     "benchmark_warmup": (1, "untimed generations before a benchmark (none when the session ran as long a prompt)"),
