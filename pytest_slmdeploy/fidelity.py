@@ -584,8 +584,10 @@ def score(
                 f"{folder}: vocabulary of {stacked.shape[1]} tokens, but the source's answer uses token ids up to "
                 f"{int(references.topk_ids[span].max())}: the deployed model is not built from this source"
             )
-        logq = stacked - _logsumexp(stacked)[:, None]
-        kld = _kld(references, span, logq)
+        top = stacked.max(axis=1, keepdims=True)
+        shifted = np.exp(stacked - top)  # one exp pass over the vocabulary serves both normalisers
+        logq = stacked - (top + np.log(shifted.sum(axis=1, keepdims=True)))
+        kld = _kld(references, span, logq, shifted)
         tokens = np.array(answer, dtype=np.int64)
         deployed_top = logq.argmax(axis=1)
         exact = deployed_top == tokens
@@ -645,8 +647,15 @@ def _near_tie(references: References, span: slice, deployed_top: NDArray[Any]) -
     return near
 
 
-def _kld(references: References, span: slice, logq: NDArray[np.float64]) -> NDArray[np.float64]:
-    """KL(source || deployed) per position over the top-k tokens plus one bucket for the rest."""
+def _kld(
+    references: References,
+    span: slice,
+    logq: NDArray[np.float64],
+    shifted: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """KL(source || deployed) per position over the top-k tokens plus one bucket for the rest. ``shifted``:
+    exp(logits - their max) per position, so the rest's mass is summed directly (not 1 - the top-k's: that
+    would cancel where the top k hold nearly all of it)."""
     import numpy as np
 
     ids = references.topk_ids[span].astype(np.int64)
@@ -654,27 +663,16 @@ def _kld(references: References, span: slice, logq: NDArray[np.float64]) -> NDAr
     logp_rest = references.rest_logprob[span].astype(np.float64)
     rows = np.arange(ids.shape[0])[:, None]
     logq_top = logq[rows, ids]
-    masked = logq.copy()
-    masked[rows, ids] = -np.inf
+    rest = shifted.copy()
+    rest[rows, ids] = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        logq_rest = _logsumexp(masked)
+        logq_rest = np.log(rest.sum(axis=1)) - np.log(shifted.sum(axis=1))
         top_terms = (np.exp(logp_top) * (logp_top - logq_top)).sum(axis=1)
         outside = np.isfinite(logp_rest) & np.isfinite(logq_rest)  # no tokens outside the top k: no bucket
         rest_terms = np.where(outside, np.exp(logp_rest) * (logp_rest - logq_rest), 0.0)
     # The stored log-probabilities are float32: clamp the rounding's tiny negatives.
     kld: NDArray[np.float64] = np.maximum(top_terms + rest_terms, 0.0)
     return kld
-
-
-def _logsumexp(x: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Row-wise log-sum-exp; a row of only -inf gives -inf."""
-    import numpy as np
-
-    top = x.max(axis=1)
-    finite = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        result: NDArray[np.float64] = finite + np.log(np.exp(x - finite[:, None]).sum(axis=1))
-    return result
 
 
 def _runtime_prompt_match(tokenizer: Any, messages: Sequence[Message], prompt_ids: Sequence[int]) -> bool | None:
