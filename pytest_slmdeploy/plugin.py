@@ -72,7 +72,7 @@ _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
      "seconds to wait for another process building the same model (default 1800).", {"metavar": "SECONDS"}),
     ("--slm-threads", "slm_threads", "string",
      "ONNX Runtime GenAI threads per model: auto (the CPUs this process may use, shared among xdist workers; "
-     "default), N, or 0 for ONNX Runtime's own default.", {"metavar": "auto|N"}),
+     "default), N, or 0 for ONNX Runtime GenAI's own default (half the hardware threads).", {"metavar": "auto|N"}),
     ("--slm-report", "slm_report", "string",
      "write the checklist results (families, pass/fail, key figures) as JSON to FILE.", {"metavar": "FILE"}),
     ("--slm-bench-save", "slm_bench_save", "bool",

@@ -232,7 +232,7 @@ class SlmDeploySession:
             f"slmdeploy: {plan.source.path} ({plan.source.architecture}) -> {plan.name} [{self._precision_label()}]",
             f"slmdeploy: cache {plan.cache.entry_dir(plan.name)}: {status}",
             f"slmdeploy: fingerprint {plan.source_fingerprint[:12]}, {tools}, CPUExecutionProvider, "
-            f"backend {self.settings.backend}, {_threads_label(self.settings.threads)}",
+            f"backend {self.settings.backend}, {_threads_label(self.settings)}",
         ]
 
     @pytest.hookimpl(trylast=True)
@@ -517,5 +517,9 @@ class BenchmarkGatesItem(pytest.Item):
         return self.path, None, GATE_ITEM_ID
 
 
-def _threads_label(threads: int) -> str:
-    return f"{threads} thread{'s' if threads != 1 else ''}" if threads else "ONNX Runtime's default threads"
+def _threads_label(settings: Settings) -> str:
+    if settings.backend == "foundry":  # the SDK takes no thread setting: ORT GenAI's default for the entry
+        return "Foundry Local's threads"
+    if not settings.threads:
+        return "ONNX Runtime GenAI's default threads"
+    return f"{settings.threads} thread{'s' if settings.threads != 1 else ''}"

@@ -273,12 +273,12 @@ def resolve_limits(get: Callable[[str], object | None]) -> dict[str, float]:
 
 def resolve_threads(value: object | None, env: Mapping[str, str] | None = None) -> int:
     """``slm_threads``: ``auto`` (or unset) is the CPUs this process may use, shared among pytest-xdist
-    workers; else a whole number (0: ONNX Runtime's own default)."""
+    workers; else a whole number (0: ONNX Runtime GenAI's own default)."""
     value = "auto" if value in (None, "") else str(value).strip()
     if value.lower() == "auto":
         return auto_threads(env)
     if not value.isdigit():
-        raise SettingsError(f"slm_threads = {value!r} is not auto or a whole number (0: ONNX Runtime's default)")
+        raise SettingsError(f"slm_threads = {value!r} is not auto or a whole number (0: ONNX Runtime GenAI's default)")
     return int(value)
 
 

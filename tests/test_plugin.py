@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import read_json
 
+from pytest_slmdeploy.settings import auto_threads
 from pytest_slmdeploy.template import CHATML_TEMPLATE
 from pytest_slmdeploy.tinymodel import FAQ
 
@@ -76,6 +77,7 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
         [
             "slmdeploy: * (Qwen2ForCausalLM) -> faq-int4 [[]int4[]]",
             "slmdeploy: cache */custom/faq-int4: will build (not installed)",
+            f"slmdeploy: fingerprint *, CPUExecutionProvider, backend ort-genai, {auto_threads()} thread*",
             "slmdeploy: converting with Olive (ModelBuilder)",
             "slmdeploy: installed */custom/faq-int4 *",
             "pass *Installed in the Foundry Local cache, loads and answers*3/3*",

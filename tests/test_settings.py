@@ -74,6 +74,6 @@ def test_threads() -> None:
     assert _resolve({"slm_threads": "auto"}, {"PYTEST_XDIST_WORKER_COUNT": "2"}).threads == max(1, cpus // 2)  # type: ignore[attr-defined]
     assert _resolve({"slm_threads": "64"}, {"PYTEST_XDIST_WORKER_COUNT": str(4 * cpus)}).threads == 64  # type: ignore[attr-defined]
     assert resolve_threads("auto", {"PYTEST_XDIST_WORKER_COUNT": str(4 * cpus)}) == 1
-    assert resolve_threads("0") == 0  # ONNX Runtime's own default
+    assert resolve_threads("0") == 0  # ONNX Runtime GenAI's own default
     with pytest.raises(SettingsError, match=r"slm_threads = '-2' is not auto or a whole number"):
         _resolve({"slm_threads": "-2"})

@@ -97,7 +97,7 @@ def open_model(
     backend: str, model_dir: Path, *, cache_root: Path, model_name: str, threads: int | None = None
 ) -> SlmModel:
     """Load the installed model with ``backend`` (``ort-genai`` or ``foundry``); ``threads``: ONNX Runtime
-    GenAI's intra-op threads (None: the CPUs this process may use; 0: ONNX Runtime's default)."""
+    GenAI's intra-op threads (None: the CPUs this process may use; 0: ONNX Runtime GenAI's default)."""
     if backend == "ort-genai":
         from pytest_slmdeploy.runtime.ortgenai import OrtGenaiBackend
 

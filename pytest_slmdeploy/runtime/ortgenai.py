@@ -14,9 +14,9 @@ from pytest_slmdeploy.settings import auto_threads
 
 def load_native(model_dir: Path, threads: int | None = None) -> Any:
     """``onnxruntime_genai.Model`` of ``model_dir`` with ``threads`` intra-op threads (None: :func:`auto_threads`;
-    0: ONNX Runtime's own default). The installed files are not changed: the setting is overlaid in memory.
+    0: ONNX Runtime GenAI's own default). The installed files are not changed: the setting is overlaid in memory.
 
-    ONNX Runtime's default is one thread per physical core it detects, which was 1 on a 2-vCPU VM here:
+    ONNX Runtime GenAI's default is half the hardware threads (at most 16), which is 1 on a 2-vCPU machine:
     decode at 60% of the speed two threads give."""
     import onnxruntime_genai as og
 
