@@ -651,12 +651,15 @@ def _kld(
     references: References,
     span: slice,
     logq: NDArray[np.float64],
-    shifted: NDArray[np.float64],
+    shifted: NDArray[np.float64] | None = None,
 ) -> NDArray[np.float64]:
     """KL(source || deployed) per position over the top-k tokens plus one bucket for the rest. ``shifted``:
-    exp(logits - their max) per position, so the rest's mass is summed directly (not 1 - the top-k's: that
-    would cancel where the top k hold nearly all of it)."""
+    exp(logits - their max) per position when the caller has it (any per-row shift will do), so the rest's
+    mass is summed directly (not 1 - the top-k's: that would cancel where the top k hold nearly all of it)."""
     import numpy as np
+
+    if shifted is None:
+        shifted = np.exp(logq - logq.max(axis=1, keepdims=True))
 
     ids = references.topk_ids[span].astype(np.int64)
     logp_top = references.topk_logprobs[span].astype(np.float64)
