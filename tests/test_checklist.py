@@ -250,6 +250,22 @@ def test_a_soak_settles_early_only_when_more_steps_cannot_change_the_verdict() -
     assert not (pages.settled(8_000) and pages.verdict(8_000) == "pass")
 
 
+def test_a_rise_over_the_session_fails_unless_the_warm_soak_is_flat() -> None:
+    rising = memory.SoakResult("generations", tuple(100_000_000 + 20_000 * i for i in range(60)), 1.0)
+    flat = memory.SoakResult("soak", (100_400_000,) * 30, 1.0)
+    still_rising = memory.SoakResult("soak", tuple(101_000_000 + 20_000 * i for i in range(30)), 1.0)
+    session, limit = rising.judged(8_000, "8 kB"), 8_000
+    assert session.verdict == "fail"
+    assert memory.session_and_soak(session, None) == session  # no soak to ask
+    assert memory.session_and_soak(session, still_rising.judged(limit, "8 kB")).verdict == "fail"
+    warmed = memory.session_and_soak(session, flat.judged(limit, "8 kB"))
+    assert warmed.verdict == "inconclusive"
+    assert "not over the last 29" in warmed.explain()
+    calm = memory.SoakResult("generations", (100_000_000,) * 60, 1.0).judged(limit, "8 kB")
+    assert memory.session_and_soak(calm, still_rising.judged(limit, "8 kB")).verdict == "fail"  # the soak decides
+    assert memory.session_and_soak(calm, flat.judged(limit, "8 kB")).verdict == "pass"
+
+
 @pytest.mark.parametrize("at", [5, 11, 15, 22])
 def test_one_rise_anywhere_is_not_a_leak(at: int) -> None:
     once = memory.SoakResult("soak", tuple(100_000_000 + (20_000_000 if i >= at else 0) for i in range(30)), 1.0)

@@ -105,6 +105,7 @@ class SoakVerdict:
     verdict: Verdict
     result: SoakResult
     limit: str
+    why: str = "RSS rose, but not steadily (an arena growing once, or noise)"  # of an inconclusive verdict
 
     def explain(self) -> str:
         r = self.result
@@ -114,8 +115,30 @@ class SoakVerdict:
             f"{r.steps - 1} {r.per}s in {r.seconds:.1f}s, medians by quarter {quarters} MB"
         )
         if self.verdict == "inconclusive":
-            return f"inconclusive: {head}: RSS rose, but not steadily (an arena growing once, or noise)"
+            return f"inconclusive: {head}: {self.why}"
         return f"{self.verdict}: {head}"
+
+
+def session_and_soak(session: SoakVerdict, soak: SoakVerdict | None) -> SoakVerdict:
+    """One verdict from the session's generations and the warm soak after them (None: no soak).
+
+    A steady rise over the session fails when the soak rises too, or when there is no soak to ask. When the
+    soak stayed within the limit, the rise stopped by the end: a runtime still warming up (Foundry Local's
+    grows for its first hundred or so requests), or a leak in requests the soak does not make: inconclusive.
+    Without a steady rise over the session, the soak decides (the session's mixed prompts grow allocator
+    arenas on the way, which is no leak but blurs a trend)."""
+    if soak is None:
+        return session
+    if session.verdict != "fail":
+        return soak
+    if soak.verdict == "pass":
+        why = (
+            f"RSS rose steadily over the session's generations but not over the last {soak.result.steps - 1} "
+            f"(the soak: {soak.result.mb_per_1k:.3g} MB per 1,000): a runtime warming up, or a leak in requests "
+            "the soak does not make"
+        )
+        return SoakVerdict("inconclusive", session.result, session.limit, why)
+    return session
 
 
 def session_series(samples: Sequence[tuple[int, int, int]], *, warmup: int) -> tuple[int, ...]:
