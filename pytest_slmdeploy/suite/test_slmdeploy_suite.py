@@ -313,8 +313,11 @@ def test_no_leak_over_many_generations(
     limit = slm_limits["memory_max_mb_per_1k"]
     judge = (limit * 1e6 / 1000, f"{limit:g} MB per 1,000 generations")
     start = time.perf_counter()
-    # A session that already rose steadily needs the whole soak: a flat soak then says the rise has stopped.
-    rose = memory.SoakResult("generations", memory.session_series(log, warmup=warmup), 0).verdict(judge[0]) == "fail"
+
+    def rising() -> bool:
+        """The session's generations so far (the soak's included) rise steadily."""
+        series = memory.session_series(log, warmup=warmup)
+        return memory.SoakResult("generations", series, 0).verdict(judge[0]) == "fail"
 
     def soaked() -> memory.SoakResult:
         series = memory.session_series(log[soak_from:], warmup=max(0, warmup - soak_from))
@@ -323,12 +326,13 @@ def test_no_leak_over_many_generations(
     try:
         for i in range(max(warmup + wanted + 1 - soak_from, MIN_SOAK + max(0, warmup - soak_from))):
             slm_model.generate(prompts[i % len(prompts)], max_new_tokens=16)
-            # Past the minimum, stop once the trend is settled (its interval on one side of the limit), or at
-            # the budget: a model that does not leak is done in MIN_SOAK generations.
+            # Past the minimum, stop at the budget or once the verdict is decided: the soak's trend settled (its
+            # interval on one side of the limit), unless it is flat while the session still rises steadily (then
+            # more flat soak either ends the session's rise or, at the budget, leaves it inconclusive).
             so_far = soaked()
             if so_far.steps > MIN_SOAK and (
                 time.perf_counter() - start > slm_limits["memory_seconds"]
-                or (so_far.settled(judge[0]) and not (rose and so_far.verdict(judge[0]) == "pass"))
+                or (so_far.settled(judge[0]) and not (so_far.verdict(judge[0]) == "pass" and rising()))
             ):
                 break
     finally:
