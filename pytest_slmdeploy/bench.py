@@ -97,10 +97,13 @@ class GenerationStats:
             ttft_interval=round(relative_width(ttfts), 4),
         )
 
-    @property
-    def precision(self) -> float:
-        """The wider of the two intervals (decode tok/s, TTFT), as a share of the median."""
-        return max(self.decode_interval, self.ttft_interval)
+    def too_wide(self, allowed: Mapping[str, float]) -> list[str]:
+        """The figures whose interval is wider than ``allowed[metric]`` (a share of the median)."""
+        return [m for m, share in allowed.items() if m in INTERVAL_OF and getattr(self, INTERVAL_OF[m]) > share]
+
+
+# The per-round figures a gate can judge, and the interval that says how precise each is.
+INTERVAL_OF = {"decode_tps": "decode_interval", "ttft_ms": "ttft_interval", "prefill_tps": "ttft_interval"}
 
 
 BENCH_PREFIX = "slm_bench:"  # user property "slm_bench:<metric>" -> value (travels like figures under xdist)
@@ -282,6 +285,12 @@ class Gate:
         )
 
 
+def precision_for(gates: Iterable[Gate]) -> dict[str, float]:
+    """How precise each gated figure must be: its interval may span at most the gate's tolerance (a wider
+    one could fire the gate on this run's noise alone)."""
+    return {g.metric: g.percent / 100 for g in gates if g.metric in INTERVAL_OF}
+
+
 def _when(record: RunRecord) -> str:
     commit = f" @ {record.commit[:8]}" if record.commit else ""
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)) + commit
@@ -387,12 +396,17 @@ class LlmBenchmark:
     record the LLM metrics (in ``extra_info``, and for the history when ``reference``)."""
 
     def __init__(
-        self, benchmark: Any, model: Any, record: Callable[[str, object], None], limits: Mapping[str, float]
+        self,
+        benchmark: Any,
+        model: Any,
+        record: Callable[[str, object], None],
+        limits: Mapping[str, float],
+        precision: Mapping[str, float] | None = None,
     ) -> None:
         self.benchmark, self.model, self.record = benchmark, model, record
         self.rounds = int(limits["benchmark_rounds"])
         self.max_rounds = int(limits["benchmark_max_rounds"])
-        self.precision = float(limits["benchmark_precision"])
+        self.precision = dict(precision or {})  # metric -> widest interval allowed (see precision_for)
         self.seconds = float(limits["benchmark_seconds"])
         self.warmup = int(limits["benchmark_warmup"])
         self.new_tokens = int(limits["benchmark_new_tokens"])
@@ -411,9 +425,10 @@ class LlmBenchmark:
         sequence at least that long (the first prefill at a new length allocates; later ones up to it do not).
         ``shared``: rounds of this very request measured already (the length sweep's): they count towards
         ``slm_benchmark_rounds``, and pytest-benchmark times the rest (at least one). Past the minimum, the
-        ``reference`` figures (the history's, which the gates judge) get more rounds while their intervals are
-        wider than ``slm_benchmark_precision`` (up to ``slm_benchmark_max_rounds`` and
-        ``slm_benchmark_seconds``); :attr:`taken` says how many of each."""
+        ``reference`` figures (the history's) get more rounds while one that a gate judges (``precision``: a
+        baseline is given, or the run is saved as a future baseline) has a wider interval than that gate's
+        tolerance, up to ``slm_benchmark_max_rounds`` and ``slm_benchmark_seconds``; :attr:`taken` says how many
+        rounds came from where."""
         n = new_tokens or self.new_tokens
         runs: list[Generation] = []
         warmup = self.warmup
@@ -434,7 +449,7 @@ class LlmBenchmark:
             while (
                 reference  # only figures that a gate judges need more than the minimum
                 and len(measured) < self.max_rounds
-                and GenerationStats.of(measured, 0, 0).precision > self.precision
+                and GenerationStats.of(measured, 0, 0).too_wide(self.precision)
                 and time.perf_counter() - start < self.seconds
             ):
                 one()

@@ -397,7 +397,11 @@ def slm_benchmark(request: pytest.FixtureRequest, slm_model: Any, slm_limits: di
     from pytest_slmdeploy.bench import LlmBenchmark
 
     benchmark = request.getfixturevalue("benchmark")
-    return LlmBenchmark(benchmark, slm_model, lambda k, v: request.node.user_properties.append((k, v)), slm_limits)
+
+    def record(key: str, value: object) -> None:
+        request.node.user_properties.append((key, value))
+
+    return LlmBenchmark(benchmark, slm_model, record, slm_limits, _session(request).bench_precision())
 
 
 @pytest.fixture(scope="session")

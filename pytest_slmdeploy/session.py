@@ -54,6 +54,15 @@ class SlmDeploySession:
         self._fidelity: dict[tuple[Path, str], Any] = {}  # (entry, references key) -> FidelityResult
         self.shared_runs: dict[tuple[str, int], list[Any]] = {}  # (prompt, new tokens) -> the length sweep's rounds
 
+    def bench_precision(self) -> dict[str, float]:
+        """How precise the history's figures must be: as the gates need them when this run is judged against a
+        baseline or saved as a future one; otherwise nothing judges them and the minimum rounds do."""
+        from pytest_slmdeploy.bench import precision_for
+
+        if self.settings.bench_baseline or self.settings.bench_save:
+            return precision_for(self.gates)
+        return {}
+
     # -- stages -------------------------------------------------------------------------------
     def check_source(self) -> None:
         """Check model folder, settings and cache before collection (errors become UsageError)."""

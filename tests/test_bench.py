@@ -68,6 +68,9 @@ def _shared(count: int) -> list[Generation]:
     return [Generation("x", 100, 32, "length", 0.1, 0.1 + 0.01 * 31, ())] * count
 
 
+GATED = bench.precision_for(bench.Gate.parse(g) for g in bench.DEFAULT_GATES)  # decode 15%, TTFT 25%
+
+
 @pytest.mark.parametrize(
     ("per_token_s", "shared", "timed", "extra"),
     [
@@ -79,24 +82,29 @@ def _shared(count: int) -> list[Generation]:
 )
 def test_benchmark_rounds_adapt_to_the_spread(per_token_s: list[float], shared: int, timed: int, extra: int) -> None:
     fixture, model = _Pedantic(), _Model(per_token_s)
-    llm = bench.LlmBenchmark(fixture, model, lambda name, value: None, _limits(benchmark_warmup=0))
+    llm = bench.LlmBenchmark(fixture, model, lambda name, value: None, _limits(benchmark_warmup=0), GATED)
     stats = llm(("Hello"), new_tokens=32, shared=_shared(shared))
     assert llm.taken == bench.RoundsTaken(shared, timed, extra)
     assert fixture.timed == timed
     assert stats.rounds == shared + timed + extra
-    assert (stats.precision <= 0.15) is (extra < 17)
+    assert (not stats.too_wide(GATED)) is (extra < 17)
     assert fixture.extra_info["extra_rounds"] == extra
 
 
 def test_only_the_gated_figures_get_more_rounds() -> None:
-    llm = bench.LlmBenchmark(_Pedantic(), _Model([0.01, 0.02, 0.015]), lambda n, v: None, _limits())
-    stats = llm("Hello", new_tokens=32, reference=False)  # not in the history: no gate needs it precise
+    assert GATED == {"decode_tps": 0.15, "ttft_ms": 0.25}
+    noisy = [0.01, 0.02, 0.015]
+    llm = bench.LlmBenchmark(_Pedantic(), _Model(noisy), lambda n, v: None, _limits(), GATED)
+    stats = llm("Hello", new_tokens=32, reference=False)  # not in the history: no gate judges it
     assert llm.taken == bench.RoundsTaken(0, 3, 0)
-    assert stats.precision > 0.15
+    assert stats.too_wide(GATED) == ["decode_tps"]
+    unjudged = bench.LlmBenchmark(_Pedantic(), _Model(noisy), lambda n, v: None, _limits())  # no baseline, no save
+    unjudged("Hello", new_tokens=32)
+    assert unjudged.taken == bench.RoundsTaken(0, 3, 0)
 
 
 def test_benchmark_rounds_stop_at_the_time_budget() -> None:
-    llm = bench.LlmBenchmark(_Pedantic(), _Model([0.01, 0.02]), lambda n, v: None, _limits(benchmark_seconds=0))
+    llm = bench.LlmBenchmark(_Pedantic(), _Model([0.01, 0.02]), lambda n, v: None, _limits(benchmark_seconds=0), GATED)
     llm("Hello", new_tokens=32)
     assert llm.taken == bench.RoundsTaken(0, 3, 0)
     assert llm.taken.describe() == "3"

@@ -280,7 +280,8 @@ def test_benchmark_generation(
     stats = slm_benchmark(prompt, new_tokens=new_tokens, reference=reference, prompt_tokens=prompt_tokens,
                           shared=shared)  # fmt: skip
     slm_figure(f"decode tok/s @{prompt_tokens}", stats.decode_tps)
-    slm_figure(f"rounds @{prompt_tokens}", f"{slm_benchmark.taken.describe()}; interval {stats.precision:.1%}")
+    intervals = f"intervals: decode {stats.decode_interval:.1%}, TTFT {stats.ttft_interval:.1%}"
+    slm_figure(f"rounds @{prompt_tokens}", f"{slm_benchmark.taken.describe()}; {intervals}")
     assert stats.new_tokens == new_tokens, f"the answer length was not fixed: {stats.new_tokens} tokens"
     assert stats.decode_tps > 0
     assert stats.ttft_ms > 0
