@@ -478,7 +478,9 @@ class RoundsTaken:
         return self.shared + self.timed + self.extra
 
     def describe(self) -> str:
-        parts = [f"{self.shared} from lengths"] * bool(self.shared) + [f"{self.extra} more for the spread"] * bool(
-            self.extra
-        )
+        parts = []
+        if self.shared:
+            parts.append(f"{self.shared} from lengths")
+        if self.extra:
+            parts.append(f"{self.extra} more for the spread")
         return f"{self.total}" + (f" ({', '.join(parts)})" if parts else "")

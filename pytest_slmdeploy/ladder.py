@@ -241,7 +241,7 @@ print(json.dumps({
 
 
 def _measure_speed(
-    entry_dir: Path, prompt_tokens: int = 128, new_tokens: int = 32, rounds: int = 5, *, threads: int = 0
+    entry_dir: Path, prompt_tokens: int = 128, new_tokens: int = 32, rounds: int = 5, *, threads: int
 ) -> dict[str, float]:
     """Median decode tok/s and TTFT at a 128-token prompt, and the peak RSS of a process that runs the model."""
     args = [str(entry_dir), str(prompt_tokens), str(new_tokens), str(rounds), str(threads)]

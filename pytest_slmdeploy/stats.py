@@ -131,9 +131,9 @@ def median_interval(
     return medians[int(tail * (resamples - 1))], medians[int((1 - tail) * (resamples - 1))]
 
 
-def relative_width(values: Sequence[float], **options: float) -> float:
+def relative_width(values: Sequence[float]) -> float:
     """Width of the median's interval as a share of the median (0.04: the interval spans 4% of it)."""
-    low, high = median_interval(values, **options)  # type: ignore[arg-type]
+    low, high = median_interval(values)
     mid = median(values)
     return (high - low) / abs(mid) if mid else float("inf")
 

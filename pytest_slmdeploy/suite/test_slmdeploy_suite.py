@@ -315,33 +315,34 @@ def test_no_leak_over_many_generations(
     judge = (limit * 1e6 / 1000, f"{limit:g} MB per 1,000 generations")
     start = time.perf_counter()
 
-    def rising() -> bool:
-        """The session's generations so far (the soak's included) rise steadily."""
-        series = memory.session_series(log, warmup=warmup)
-        return memory.SoakResult("generations", series, 0).verdict(judge[0]) == "fail"
+    def whole_session() -> memory.SoakResult:
+        """The session's generations so far, the soak's included."""
+        return memory.SoakResult("generations", memory.session_series(log, warmup=warmup), time.perf_counter() - start)
 
     def soaked() -> memory.SoakResult:
         series = memory.session_series(log[soak_from:], warmup=max(0, warmup - soak_from))
         return memory.SoakResult("soak", series, time.perf_counter() - start)
 
+    def decided(soak: memory.SoakResult) -> bool:
+        """The soak's trend is settled (its interval on one side of the limit), and it is not a flat soak after a
+        session that still rises steadily: more flat soak then either ends that rise or, at the budget, leaves
+        the verdict inconclusive."""
+        if not soak.settled(judge[0]):
+            return False
+        return soak.verdict(judge[0]) != "pass" or whole_session().verdict(judge[0]) != "fail"
+
     try:
         for i in range(max(warmup + wanted + 1 - soak_from, MIN_SOAK + max(0, warmup - soak_from))):
             slm_model.generate(prompts[i % len(prompts)], max_new_tokens=16)
-            # Past the minimum, stop at the budget or once the verdict is decided: the soak's trend settled (its
-            # interval on one side of the limit), unless it is flat while the session still rises steadily (then
-            # more flat soak either ends the session's rise or, at the budget, leaves it inconclusive).
-            so_far = soaked()
+            so_far = soaked()  # past the minimum, stop once decided or at the budget
             if so_far.steps > MIN_SOAK and (
-                time.perf_counter() - start > slm_limits["memory_seconds"]
-                or (so_far.settled(judge[0]) and not (so_far.verdict(judge[0]) == "pass" and rising()))
+                time.perf_counter() - start > slm_limits["memory_seconds"] or decided(so_far)
             ):
                 break
     finally:
         if audit is not None:
             backend.audit_special_tokens = audit
-    seconds = time.perf_counter() - start
-    session = memory.SoakResult("generations", memory.session_series(log, warmup=warmup), seconds)
-    soak = soaked()
+    session, soak = whole_session(), soaked()
     verdict = memory.session_and_soak(session.judged(*judge), soak.judged(*judge) if soak.steps > MIN_SOAK else None)
     slm_figure("leak MB/1k generations", round(verdict.result.mb_per_1k, 3))
     slm_figure("generations", f"{session.steps - 1} (soak {max(0, soak.steps - 1)}, session slope "
