@@ -11,9 +11,7 @@ import copy
 import gc
 import logging
 import os
-import re
 import shutil
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_slmdeploy.errors import BuildError, describe, first_line
+from pytest_slmdeploy import buildlog
+from pytest_slmdeploy.errors import BuildError, describe
 from pytest_slmdeploy.measure import PeakRss, Stopwatch
 from pytest_slmdeploy.source import SourceModel
 
@@ -112,91 +111,6 @@ class BuildResult:
     log_path: Path
 
 
-class _Records(logging.Handler):
-    """Keep Olive's log records so a failure can name Olive's own reason."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def reason(self, log_path: Path | None = None) -> str:
-        """Olive's own reason: the exception under its last error ("Pass run failed." says nothing), else the
-        last exception line in the log, else its last error or warning."""
-        errors = [r for r in self.records if r.levelno >= logging.ERROR]
-        for record in reversed(errors):
-            cause = _innermost(record.exc_info[1]) if record.exc_info else None
-            if cause is not None:
-                return f"{first_line(record.getMessage())} {describe(cause)}"
-        raised = _last_exception_line(log_path) if log_path is not None else None
-        if errors:
-            return f"{first_line(errors[-1].getMessage())} {raised}" if raised else first_line(errors[-1].getMessage())
-        if raised:
-            return raised
-        messages = [first_line(r.getMessage()) for r in self.records if r.getMessage().strip()]
-        for i, message in enumerate(messages):
-            if "Invalid config" in message and i > 0:
-                return messages[i - 1]
-        warnings = [r.getMessage().strip() for r in self.records if r.levelno == logging.WARNING]
-        return warnings[0] if warnings else "no output model produced"
-
-
-def _innermost(exc: BaseException | None) -> BaseException | None:
-    while exc is not None and (exc.__cause__ or exc.__context__) is not None:
-        exc = exc.__cause__ or exc.__context__
-    return exc
-
-
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
-
-
-def _last_exception_line(log_path: Path) -> str | None:
-    """The last ``SomeError: message`` line of a traceback in the build log."""
-    try:
-        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        match = _EXCEPTION_LINE.match(line.strip())
-        if match:
-            return f"{match.group(1)}: {match.group(2)}"
-    return None
-
-
-@contextlib.contextmanager
-def _output_to_log(log_path: Path) -> Iterator[None]:
-    """Send everything Olive and the model builder print or log (progress bars included) to a log file.
-
-    Three levels, because each tool writes at its own: file descriptors (native code),
-    ``sys.stdout``/``sys.stderr`` (print, tqdm; pytest may have replaced them), and
-    Olive's logger (its handlers hold the stream they were created with).
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    olive_logger = logging.getLogger("olive")
-    with log_path.open("a", encoding="utf-8", errors="replace") as log:
-        handler = logging.StreamHandler(log)
-        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"))
-        olive_logger.addHandler(handler)
-        try:
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                yield
-        finally:
-            olive_logger.removeHandler(handler)
-            log.flush()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-
-
 @contextlib.contextmanager
 def _offline_env() -> Iterator[None]:
     overrides = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -212,17 +126,25 @@ def _offline_env() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _quiet_olive_telemetry() -> None:
-    """Create Olive's telemetry singleton as CI would, so it never sends or waits."""
+@contextlib.contextmanager
+def _olive_telemetry_off() -> Iterator[None]:
+    """Create Olive's telemetry singleton as CI would, so it never sends or waits; stop its exporter thread
+    afterwards. Disabled events never get their delivery callbacks, so shutdown is told not to wait for them
+    (its default waits 2 s)."""
     from olive.telemetry import Telemetry
 
     had = os.environ.get(_OLIVE_CI_MARKER)
     os.environ[_OLIVE_CI_MARKER] = had or "1"
     try:
-        Telemetry().disable_telemetry()
+        telemetry = Telemetry()
+        telemetry.disable_telemetry()
     finally:
         if had is None:
             os.environ.pop(_OLIVE_CI_MARKER, None)
+    try:
+        yield
+    finally:
+        telemetry.shutdown(callback_timeout_millis=0)
 
 
 @contextlib.contextmanager
@@ -261,20 +183,20 @@ def run_olive(
     passes = " + ".join(p["type"] for p in config["passes"].values())
     progress(f"converting with Olive ({passes})")
     watch = Stopwatch()
-    handler = _Records()
+    handler = buildlog.Records()
     olive_logger = logging.getLogger("olive")
     with PeakRss() as rss, _offline_env(), _ticker(progress, "converting"):
         olive_logger.addHandler(handler)
         try:
-            with _output_to_log(log_path), warnings.catch_warnings():
+            with buildlog.output_to_log(log_path), warnings.catch_warnings():
                 # Olive's imports warn about their own dependencies, and it leaves temporary
                 # directories for the garbage collector (a ResourceWarning each): not the user's concern.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", ResourceWarning)
-                _quiet_olive_telemetry()
-                import olive
+                with _olive_telemetry_off():
+                    import olive
 
-                outcome = olive.run(config)
+                    outcome = olive.run(config)
                 gc.collect()  # finalize Olive's leftover temporary directories while warnings are ignored
         except Exception as exc:  # Olive raises anything; the user gets one line and the log.
             raise BuildError(f"Olive failed: {describe(exc)} (full log: {log_path})") from exc

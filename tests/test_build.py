@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,67 @@ def test_remote_code_is_trusted_only_when_asked(tiny_model: Path) -> None:
     assert build.olive_config(source, "int4")["input_model"]["load_kwargs"] == {"trust_remote_code": False}
     trusted = build.olive_config(source, "int4", trust_remote_code=True)
     assert trusted["input_model"]["load_kwargs"] == {"trust_remote_code": True}
+
+
+TWO_BUILDS = """
+import json, logging, sys, threading
+from pathlib import Path
+from pytest_slmdeploy import build
+from pytest_slmdeploy.errors import BuildError
+from pytest_slmdeploy.source import inspect_source
+
+def handlers():
+    named = [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    return {(lg.name, id(h)): h for lg in [logging.getLogger(), *named] for h in lg.handlers}
+
+source, out = inspect_source(Path(sys.argv[1])), Path(sys.argv[2])
+handlers_before, threads_before = handlers(), set(threading.enumerate())
+# The first build imports Olive (and torch, transformers) while the standard streams are this build's log.
+build.run_olive(build.olive_config(source, "fp32"), out / "a", out / "work-a", log_path=out / "a.log")
+recipe = build.olive_config(source, "fp32")
+recipe["passes"]["builder"]["precision"] = "fp16"
+try:
+    build.run_olive(recipe, out / "b", out / "work-b", log_path=out / "b.log")
+    reason = "built"
+except BuildError as exc:
+    reason = str(exc)
+added = [h for key, h in handlers().items() if key not in handlers_before]
+print(json.dumps({
+    "reason": reason,
+    "stream_handlers_added": [repr(h) for h in added if isinstance(h, logging.StreamHandler)],
+    "threads_added": [t.name for t in set(threading.enumerate()) - threads_before],
+}))
+"""
+
+
+def test_an_earlier_build_leaves_nothing_attached(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 23: Olive's import-time StreamHandler(sys.stdout) was bound to the first build's log; the second
+    build's messages hit the closed file and 'ValueError: I/O operation on closed file.' replaced its reason."""
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_BUILDS, str(tiny_model), str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "FP16 is not supported on CPU" in result["reason"]
+    assert "closed file" not in (tmp_path / "b.log").read_text()
+    assert result["stream_handlers_added"] == []
+    assert result["threads_added"] == []
+
+
+def test_a_handler_on_a_closed_stream_does_not_hide_the_reason(tiny_model: Path, tmp_path: Path) -> None:
+    """An application's own handler whose stream has closed: Python reports it into the build log as a
+    '--- Logging error ---' traceback, which is about the handler, not the build."""
+    closed = io.StringIO()
+    stale = logging.StreamHandler(closed)
+    closed.close()
+    olive_logger = logging.getLogger("olive")
+    olive_logger.addHandler(stale)
+    recipe = build.olive_config(inspect_source(tiny_model), "fp32")
+    recipe["passes"]["builder"]["precision"] = "fp16"
+    try:
+        with pytest.raises(BuildError) as info:
+            build.run_olive(recipe, tmp_path / "out", tmp_path / "work", log_path=tmp_path / "build.log")
+    finally:
+        olive_logger.removeHandler(stale)
+    assert "FP16 is not supported on CPU" in str(info.value)
+    assert "--- Logging error ---" in (tmp_path / "build.log").read_text()
