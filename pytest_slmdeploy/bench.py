@@ -148,15 +148,33 @@ def memory_bandwidth_bytes_per_s(size_mb: int = 256, repeats: int = 5) -> float:
 
 
 def bytes_read_per_token(model_dir: Path) -> int:
-    """Weight bytes one decode step reads: every weight but the embedding table, of which it reads one row.
+    """Weight bytes one decode step reads: every weight, but of an embedding table of its own (not the LM head's
+    too, as a tied table shared with it is) one row only, so that table's bytes are left out."""
+    import onnx
 
-    ModelBuilder keeps the embedding table in fp32 (4 bytes) at every precision here; the LM head is a
-    separate (quantized) matrix even when the source ties them.
-    """
     weights = sum(p.stat().st_size for p in model_dir.glob("*.onnx*"))
-    model = json.loads((model_dir / "genai_config.json").read_text())["model"]
-    embedding = int(model["vocab_size"]) * int(model["decoder"]["hidden_size"]) * 4
-    return max(weights - embedding, weights // 10)
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    sizes = {i.name: _tensor_bytes(i) for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    lookups = [n for n in graph.node if n.op_type in ("Gather", "GatherBlockQuantized") and "input_ids" in n.input]
+    table = lookups[0].input[0] if lookups else ""
+    own_table = sizes.get(table, 0) if uses.get(table, 0) == 1 else 0  # shared: the LM head reads it whole
+    return max(weights - own_table, weights // 10)
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    import onnx
+
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    bits = {onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4}.get(tensor.data_type)
+    if bits is not None:
+        return (count * bits + 7) // 8
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def bandwidth_efficiency(decode_tps: float, bytes_per_token: int, bandwidth: float) -> float:

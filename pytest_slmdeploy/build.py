@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_slmdeploy import buildlog
+from pytest_slmdeploy import buildlog, recipes
 from pytest_slmdeploy.errors import BuildError, describe
 from pytest_slmdeploy.measure import PeakRss, Stopwatch
 from pytest_slmdeploy.source import SourceModel
@@ -28,59 +29,22 @@ Progress = Callable[[str], None]
 
 REQUIRED_OUTPUTS = ("genai_config.json", "model.onnx")
 _OLIVE_BOOKKEEPING = ("footprint.json", "output_footprint.json", "run_history.txt", "model_config.json")
-_INT4_BLOCK_SIZES = (128, 64, 32, 16)
 # Olive's telemetry honours these CI markers (olive/telemetry/telemetry.py); outside CI it
 # sends a heartbeat and waits 10-20 s at exit for a network that is not there.
 _OLIVE_CI_MARKER = "CI"
 
 
-def int4_block_size(source: SourceModel) -> int:
-    """The tutorial's block size 128 where the shapes allow, else the largest that divides them."""
-    dims = [source.config.get(k) for k in ("hidden_size", "intermediate_size")]
-    known = [d for d in dims if isinstance(d, int) and d > 0]
-    for block in _INT4_BLOCK_SIZES:
-        if all(d % block == 0 for d in known):
-            return block
-    return _INT4_BLOCK_SIZES[-1]
+def olive_passes(
+    source: SourceModel, precision: str, *, trust_remote_code: bool = False, chat_template: str | None = None
+) -> dict[str, Any]:
+    """The Olive passes of a precision's recipe (CPU execution provider); see :mod:`pytest_slmdeploy.recipes`.
+    ``chat_template``: the template the user chose over the model's own (calibration renders with it)."""
+    return recipes.recipe(precision).olive_passes(source, recipes.BuildChoices(trust_remote_code, chat_template))
 
 
-def olive_passes(source: SourceModel, precision: str) -> dict[str, Any]:
-    """The Olive passes for a precision (CPU execution provider)."""
-    if precision == "fp16":
-        raise BuildError(
-            "precision fp16 is refused by the CPU execution provider (Olive: 'FP16 is not supported on CPU'); "
-            "use --slm-precision int4, int8 or fp32"
-        )
-    if precision == "int4":
-        return {
-            "builder": {
-                "type": "ModelBuilder",
-                "precision": "int4",
-                "int4_block_size": int4_block_size(source),
-                "int4_is_symmetric": False,
-            }
-        }
-    if precision == "int8":
-        # ModelBuilder's own int8 raises KeyError on CPU: build fp32, then quantize weights to int8.
-        return {
-            "builder": {"type": "ModelBuilder", "precision": "fp32"},
-            "int8": {
-                "type": "OnnxDynamicQuantization",
-                "precision": "int8",
-                # A scale per output channel, so outlier weights do not coarsen a whole tensor; 7-bit weights,
-                # so the u8 x s8 pairwise sums of x86 CPUs without VNNI do not saturate (8-bit per-channel was
-                # less faithful than per-tensor there). Measured against per-tensor (issue 12): mean KLD 5x
-                # lower on the tiny outlier model, 35x on the healthy one; same size and decode speed at 0.5B.
-                "per_channel": True,
-                "reduce_range": True,
-            },
-        }
-    if precision == "fp32":
-        return {"builder": {"type": "ModelBuilder", "precision": "fp32"}}
-    raise BuildError(f"unknown precision {precision!r}: use int4, int8, fp32 or fp16")
-
-
-def olive_config(source: SourceModel, precision: str, *, trust_remote_code: bool = False) -> dict[str, Any]:
+def olive_config(
+    source: SourceModel, precision: str, *, trust_remote_code: bool = False, chat_template: str | None = None
+) -> dict[str, Any]:
     """An ``olive run`` workflow config, as in the tutorial's Method 2 (output folders added by :func:`run_olive`)."""
     return {
         "input_model": {
@@ -95,11 +59,32 @@ def olive_config(source: SourceModel, precision: str, *, trust_remote_code: bool
                 "accelerators": [{"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}],
             }
         },
-        "passes": olive_passes(source, precision),
+        "passes": olive_passes(source, precision, trust_remote_code=trust_remote_code, chat_template=chat_template),
         "host": "local_system",
         "target": "local_system",
         "log_severity_level": 1,
     }
+
+
+# The passes this project adds to Olive's own (Olive's "package config" is how a workflow names its own passes).
+OWN_PASSES = {
+    "GenAIModelBuilder": {
+        "module_path": "pytest_slmdeploy.olive_genai.GenAIModelBuilder",
+        "supported_providers": ["CPUExecutionProvider"],
+        "supported_accelerators": ["cpu"],
+        "supported_precisions": ["int4", "int8", "fp32"],
+    },
+}
+
+
+def package_config() -> dict[str, Any]:
+    """Olive's default package config plus :data:`OWN_PASSES` (it replaces the default, so both are given)."""
+    from olive.package_config import OlivePackageConfig
+
+    with open(OlivePackageConfig.get_default_config_path(), encoding="utf-8") as fh:
+        config: dict[str, Any] = json.load(fh)
+    config["passes"] = {**config["passes"], **OWN_PASSES}
+    return config
 
 
 @dataclass(frozen=True)
@@ -194,9 +179,9 @@ def run_olive(
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", ResourceWarning)
                 with _olive_telemetry_off():
-                    import olive
+                    from olive.workflows import run as olive_run
 
-                    outcome = olive.run(config)
+                    outcome = olive_run(config, package_config=package_config())
                 gc.collect()  # finalize Olive's leftover temporary directories while warnings are ignored
         except Exception as exc:  # Olive raises anything; the user gets one line and the log.
             raise BuildError(f"Olive failed: {describe(exc)} (full log: {log_path})") from exc

@@ -26,7 +26,7 @@ from pytest_slmdeploy.source import SourceModel, check_tokenizer, check_weights_
 Progress = Callable[[str], None]
 RecipeHook = Callable[[dict[str, Any]], dict[str, Any]]
 TOOL_PACKAGES = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch", "pytest-slmdeploy")
-BUILD_SCHEMA = 1
+BUILD_SCHEMA = 2  # 2: recipes (recipes.py) through onnxruntime-genai 0.18's builder
 
 
 def tool_versions() -> dict[str, str]:
@@ -76,8 +76,11 @@ def resolve_chat_template(source: SourceModel, choice: str) -> str:
 
 def build_key(fingerprint_: str, precision: str, recipe: dict[str, Any], chat_template: str) -> str:
     """What the built model depends on: source content, precision, recipe, template and tool versions."""
-    portable = json.loads(json.dumps(recipe))
-    portable.get("input_model", {}).pop("model_path", None)  # the content counts, not where it lies
+    text = json.dumps(recipe)
+    source_path = recipe.get("input_model", {}).get("model_path")
+    if source_path:  # the content counts, not where it lies (passes name the folder too: GPTQ's calibration)
+        text = text.replace(json.dumps(str(source_path))[1:-1], "<source>")
+    portable = json.loads(text)
     payload = {
         "schema": BUILD_SCHEMA,
         "source": fingerprint_,
@@ -146,7 +149,10 @@ def prepare(settings: Settings, *, adjust_recipe: RecipeHook | None = None) -> P
             f"--slm-chat-template {settings.chat_template} replaces the model's own chat template: "
             "a model answers best in the format it was fine-tuned on (use auto to keep it)",
         )
-    recipe = build.olive_config(source, settings.precision, trust_remote_code=settings.trust_remote_code)
+    replaced = chat_template if chat_template != source.chat_template else None
+    recipe = build.olive_config(
+        source, settings.precision, trust_remote_code=settings.trust_remote_code, chat_template=replaced
+    )
     if adjust_recipe is not None:
         recipe = adjust_recipe(recipe)
     cache = ModelCache(settings.cache_dir)

@@ -1,9 +1,10 @@
 """The precision ladder: the tutorial's "start with INT4; if the quality is not good enough, move to INT8, then FP16".
 
-Each rung is built (and cached) like any build, then judged against the source model: the fidelity family
-(teacher-forced top-1 agreement and KL divergence, :mod:`pytest_slmdeploy.fidelity`) and the domain cases.
-The ladder stops at the first rung that passes. ``fp16`` is not a rung on the CPU execution provider, which
-has no fp16 kernels (``fp32`` takes its place as the most faithful rung).
+The rungs are recipes (:mod:`pytest_slmdeploy.recipes`), cheapest first. Each is built (and cached) like any
+build, then judged against the source model: the fidelity family (teacher-forced top-1 agreement and KL
+divergence, :mod:`pytest_slmdeploy.fidelity`) and the domain cases. The ladder stops at the first rung that
+passes: the smallest faithful build. ``fp16`` is not a rung on the CPU execution provider, which has no fp16
+kernels (``fp32`` takes its place as the most faithful rung).
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from pytest_slmdeploy.checklist.cases import Case
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import SlmDeployError, describe
 from pytest_slmdeploy.fidelity import FidelityLimits, FidelityResult, References
+from pytest_slmdeploy.recipes import LADDER, RECIPES
 from pytest_slmdeploy.settings import Settings, default_model_name
 
-RUNGS = ("int4", "int8", "fp32")  # CPUExecutionProvider: fp16 is refused, fp32 is the faithful end
+RUNGS = LADDER  # CPUExecutionProvider: fp16 is refused, fp32 is the faithful end
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class Rung:
-    """One precision tried: its build, how faithful it is, its domain cases, and (when measured) its speed."""
+    """One recipe tried: its build, how faithful it is, its domain cases, and (when measured) its speed."""
 
-    precision: str
+    precision: str  # the recipe's name (what --slm-precision takes)
     name: str
     passed: bool
     reasons: tuple[str, ...] = ()  # why it was rejected (empty when it passed)
@@ -51,9 +53,16 @@ class Rung:
     peak_rss_mb: float | None = None
     fidelity: FidelityResult | None = field(default=None, compare=False, repr=False)
 
+    @property
+    def recipe(self) -> str:
+        """What the recipe does, in one line."""
+        known = RECIPES.get(self.precision)
+        return known.summary if known else self.precision
+
     def to_json(self) -> dict[str, Any]:
         return {
             "precision": self.precision,
+            "recipe": self.recipe,
             "passed": self.passed,
             "size_ratio": round(self.size_ratio, 4),
             "decode_tps": self.decode_tps,
@@ -85,16 +94,16 @@ class Ladder:
     def table(self) -> list[str]:
         """The tutorial's table, measured on this model (Markdown)."""
         lines = [
-            "| precision | size | x source | decode tok/s | TTFT ms | peak RSS MB | answers identical | top-1 "
-            "| mean KLD | domain cases | passed |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| precision | recipe | size | x source | decode tok/s | TTFT ms | peak RSS MB | answers identical "
+            "| top-1 | mean KLD | domain cases | passed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rungs:
             speed = [_or_dash(r.decode_tps, ".1f"), _or_dash(r.ttft_ms, ".1f"), _or_dash(r.peak_rss_mb, ".0f")]
             cases = f"{r.cases_passed}/{r.cases_total}" if r.cases_total else "-"
             mark = "yes" + (" (chosen)" if r.precision == self.chosen else "") if r.passed else "no"
             lines.append(
-                f"| {r.precision} | {r.model_mb:.1f} MB | {r.size_ratio:.2f} | {' | '.join(speed)} "
+                f"| {r.precision} | {r.recipe} | {r.model_mb:.1f} MB | {r.size_ratio:.2f} | {' | '.join(speed)} "
                 f"| {r.answers_identical}/{r.answers_total} | {r.top1_agreement:.1%} | {r.mean_kld:.3g} | {cases} "
                 f"| {mark} |"
             )
@@ -104,7 +113,10 @@ class Ladder:
         """One line per rejected rung and the choice, for the run's notes."""
         lines = [f"precision auto: {r.precision} rejected: {'; '.join(r.reasons)}" for r in self.rungs if not r.passed]
         if self.chosen is not None:
-            lines.append(f"precision auto: chose {self.chosen}, the first rung of {' -> '.join(RUNGS)} that passed")
+            lines.append(
+                f"precision auto: chose {self.chosen}, the smallest build that passed ({' -> '.join(RUNGS)}, "
+                "cheapest first)"
+            )
         else:
             last = self.rungs[-1].precision if self.rungs else RUNGS[-1]
             lines.append(f"precision auto: no rung passed; the tests run on {last}, the most faithful one")

@@ -46,9 +46,9 @@ _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("--slm-model", "slm_model", "string",
      "Hugging Face model folder to build, install and check (enables the plugin).", {"metavar": "PATH"}),
     ("--slm-precision", "slm_precision", "string",
-     "quantization: int4 (default, as in the tutorial), int8, fp32, or auto: the first of int4, int8, fp32 "
-     "that stays faithful to the source and passes the domain cases (the precision ladder); "
-     "fp16 needs a provider that supports it.",
+     "quantization recipe: int4 (default: GPTQ 4-bit, attention 8-bit), int4-mixed (about 6 bits a weight), "
+     "int8 (8-bit weights), fp32, or auto: the smallest of these that stays faithful to the source and passes "
+     "the domain cases (the precision ladder); fp16 needs a provider that supports it.",
      {"choices": (*PRECISIONS, AUTO_PRECISION)}),
     ("--slm-cache", "slm_cache", "string",
      "model cache folder (Foundry Local layout: custom/<name>/); default $SLMDEPLOY_CACHE or ~/.cache/slmdeploy.",

@@ -118,6 +118,7 @@ class SlmDeploySession:
             prompts=self.fidelity_prompts(limits),
             limits=limits,
             cases=self.cases,
+            measure_speed=True,  # every rung's row names its size, speed and fidelity
             adjust_recipe=self._adjust_recipe,
             progress=self.progress,
         )
@@ -226,7 +227,7 @@ class SlmDeploySession:
             return self.settings.precision
         from pytest_slmdeploy.ladder import RUNGS
 
-        return f"auto: first faithful of {', '.join(RUNGS)}"
+        return f"auto: smallest faithful of {', '.join(RUNGS)}"
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         if self._plan is None:

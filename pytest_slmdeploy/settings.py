@@ -11,8 +11,9 @@ from pathlib import Path
 
 from pytest_slmdeploy.errors import SettingsError
 
-PRECISIONS = ("int4", "int8", "fp32", "fp16")
-AUTO_PRECISION = "auto"  # the precision ladder: the first of int4, int8, fp32 that keeps the source's answers
+# The recipes' names (recipes.RECIPES, checked by a test), and fp16, which the CPU provider refuses with a reason.
+PRECISIONS = ("int4", "int4-mixed", "int8", "fp32", "fp16")
+AUTO_PRECISION = "auto"  # the precision ladder: the smallest recipe that keeps the source's answers
 BACKENDS = ("ort-genai", "foundry")
 FOUNDRY_MODES = ("auto", "yes", "no")
 CHAT_TEMPLATE_BUILTINS = ("auto", "chatml")

@@ -15,14 +15,16 @@ from typing import Any
 
 from pytest_slmdeploy.errors import SourceError, first_line
 
-# Architectures the ModelBuilder of onnxruntime-genai 0.14.1 converts (its `builder.py`);
+# Architectures the model builder of onnxruntime-genai 0.18.0 converts (its `builder.py`);
 # tests/test_source.py checks this list against the installed builder.
 SUPPORTED_ARCHITECTURES = frozenset(
     {
         "ChatGLMForConditionalGeneration", "ChatGLMModel", "Ernie4_5ForCausalLM",
         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
-        "GemmaForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
-        "HunYuanDenseV1ForCausalLM", "InternLM2ForCausalLM", "Lfm2ForCausalLM",
+        "Gemma4ForConditionalGeneration", "Gemma4UnifiedForConditionalGeneration",
+        "GemmaForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
+        "HunYuanDenseV1ForCausalLM", "InternLM2ForCausalLM", "Lfm2AudioForConditionalGeneration",
+        "Lfm2ForCausalLM", "Lfm2MoeForCausalLM", "Lfm2VlForConditionalGeneration",
         "LlamaForCausalLM", "Mistral3ForConditionalGeneration", "MistralForCausalLM",
         "NemotronForCausalLM", "OlmoForCausalLM", "Phi3ForCausalLM", "Phi3SmallForCausalLM",
         "Phi3VForCausalLM", "Phi4MMForCausalLM", "PhiForCausalLM", "PhiMoEForCausalLM",

@@ -50,7 +50,7 @@ MAKE_OUTLIER = """
 import dataclasses, json, sys
 from pathlib import Path
 from pytest_slmdeploy.tinydefects import add_outlier_channels
-report = add_outlier_channels(Path(sys.argv[1]), Path(sys.argv[2]), scale=40.0)
+report = add_outlier_channels(Path(sys.argv[1]), Path(sys.argv[2]), scale=150.0)
 Path(sys.argv[3]).write_text(json.dumps({**dataclasses.asdict(report), "out_dir": str(report.out_dir)}))
 """
 
@@ -166,10 +166,11 @@ def fidelity_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def outlier(tiny_model: Path, fidelity_root: Path) -> OutlierReport:
-    """The FAQ model with outlier channels (S=40): the same fp32 function, hard to quantize."""
+    """The FAQ model with outlier channels (S=150): the same fp32 function, hard to quantize. At S=40 the GPTQ
+    int4 recipe holds it (mean KLD 0.07, 97% top-1); at 150 int4 drifts (KLD 0.14) and int8 still keeps it."""
     # Keyed on the tiny model's recipe folder and on tinydefects' code; written once: other workers read it.
     code = hashlib.sha256(Path(tinydefects.__file__).read_bytes()).hexdigest()[:8]
-    target = fidelity_root / f"outlier-s40-{tiny_model.parent.name}-{code}"
+    target = fidelity_root / f"outlier-s150-{tiny_model.parent.name}-{code}"
     record = target.with_suffix(".json")
     with FileLock(str(target) + ".lock"):
         if not record.is_file():

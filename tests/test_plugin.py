@@ -78,7 +78,7 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
             "slmdeploy: * (Qwen2ForCausalLM) -> faq-int4 [[]int4[]]",
             "slmdeploy: cache */custom/faq-int4: will build (not installed)",
             f"slmdeploy: fingerprint *, CPUExecutionProvider, backend ort-genai, {auto_threads()} thread*",
-            "slmdeploy: converting with Olive (ModelBuilder)",
+            "slmdeploy: converting with Olive (Gptq + GenAIModelBuilder + GraphSurgeries)",
             "slmdeploy: installed */custom/faq-int4 *",
             "pass *Installed in the Foundry Local cache, loads and answers*3/3*",
             "faq-int4 [[]int4[]]: built in *s (peak RSS * MB)",
@@ -324,14 +324,14 @@ def test_recipe_hook_changes_the_build(pytester: pytest.Pytester, tiny_model: Pa
     pytester.makeconftest(
         """
         def pytest_slmdeploy_recipe(recipe, settings, config):
-            recipe["passes"]["builder"]["int4_block_size"] = 32
+            recipe["passes"]["gptq"]["group_size"] = 32
             return recipe
         """
     )
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
     second = read_json(cache / "custom" / "faq-int4" / "slmdeploy_manifest.json")
     assert second["build_key"] != first["build_key"]
-    assert second["recipe"]["passes"]["builder"]["int4_block_size"] == 32  # type: ignore[index]
+    assert second["recipe"]["passes"]["gptq"]["group_size"] == 32  # type: ignore[index]
 
 
 def test_junit_and_json_report(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:

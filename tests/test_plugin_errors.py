@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+PRECISION_CHOICES = "int4, int4-mixed, int8, fp32, fp16, auto"
+
 Damage = Callable[[Path], Path]
 
 
@@ -164,7 +166,7 @@ BAD_OPTIONS: list[tuple[str, list[str], str]] = [
         "*slm_lengths_max_rounds = 4 is below slm_lengths_min_rounds = 5*",
     ),
     ("maybe-bool", ["-o", "slm_rebuild=maybe"], "*slm_rebuild: invalid truth value 'maybe': use true or false*"),
-    ("int3-ini", ["-o", "slm_precision=int3"], "*slm_precision = 'int3' is not one of int4, int8, fp32, fp16, auto*"),
+    ("int3-ini", ["-o", "slm_precision=int3"], f"*slm_precision = 'int3' is not one of {PRECISION_CHOICES}*"),
 ]
 
 
@@ -178,7 +180,7 @@ def test_bad_options(pytester: pytest.Pytester, tiny_model: Path, args: list[str
 def test_bad_ini_value(pytester: pytest.Pytester, tiny_model: Path) -> None:
     pytester.makeini(f"[pytest]\nslm_model = {tiny_model}\nslm_precision = int3\n")
     result = pytester.runpytest("--slm-cache", str(pytester.path / "cache"))
-    _assert_one_line_error(result, "*slm_precision = 'int3' is not one of int4, int8, fp32, fp16, auto*", pytester.path)
+    _assert_one_line_error(result, f"*slm_precision = 'int3' is not one of {PRECISION_CHOICES}*", pytester.path)
 
 
 def test_cache_not_writable(pytester: pytest.Pytester, tiny_model: Path) -> None:

@@ -38,7 +38,7 @@ def test_relative_paths_are_taken_from_the_ini_dir() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("slm_precision", "int3", "slm_precision = 'int3' is not one of int4, int8, fp32, fp16, auto"),
+        ("slm_precision", "int3", "slm_precision = 'int3' is not one of int4, int4-mixed, int8, fp32, fp16, auto"),
         ("slm_backend", "vllm", "slm_backend = 'vllm' is not one of ort-genai, foundry"),
         ("slm_lock_timeout", "-1", "slm_lock_timeout = -1 must be a finite number of seconds, 0 or more"),
         ("slm_rebuild", "perhaps", "slm_rebuild = 'perhaps' is not a boolean: use true or false"),

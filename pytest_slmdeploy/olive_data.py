@@ -1,0 +1,55 @@
+"""Calibration data for Olive's passes that need it (GPTQ), made from the source model itself.
+
+Olive imports this file as the data config's ``user_script`` (see ``recipes.calibration``). Nothing is
+downloaded (Olive's default, wikitext through the ``datasets`` package, needs the hub): the source answers the
+built-in calibration instructions greedily, and each instruction with its answer, in the model's own chat
+template, is one calibration text. None of these instructions is a prompt the checklist judges a build on, so
+fidelity and the domain cases stay out-of-sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from olive.data.registry import Registry
+
+from pytest_slmdeploy.recipes import CALIBRATION_DATASET
+
+
+@Registry.register_dataset(CALIBRATION_DATASET)  # type: ignore[untyped-decorator]  # Olive is untyped
+def calibration_dataset(
+    source: str,
+    instructions: list[str],
+    answer_tokens: int = 64,
+    seq_len: int = 128,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    **_: Any,
+) -> list[tuple[Any, Any]]:
+    """Instruction + the source's own greedy answer, joined and cut into ``seq_len``-token rows (inputs, labels)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if chat_template is not None:  # the user's choice over the model's own (--slm-chat-template), as deployed
+        tokenizer.chat_template = chat_template
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    texts = []
+    with torch.inference_mode():
+        for instruction in instructions:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+            )
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=answer_tokens, do_sample=False)
+            texts.append(prompt + tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=False))
+    del model
+    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    while len(ids) < seq_len:  # a tiny model's short answers: repeat rather than give GPTQ nothing
+        ids = ids + ids
+    rows = []
+    for start in range(0, len(ids) - seq_len + 1, seq_len):
+        row = torch.tensor(ids[start : start + seq_len])
+        rows.append(({"input_ids": row, "attention_mask": torch.ones_like(row)}, row))
+    return rows
