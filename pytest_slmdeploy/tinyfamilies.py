@@ -225,6 +225,50 @@ GEMMA2_TEMPLATE = (
 )
 
 
+# google/gemma-3-270m-it's tokenizer_config.json: a system message is folded into the first user turn.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
 MISTRAL_V03_TEMPLATE = (
     '{%- if messages[0]["role"] == "system" %}\n'
     '    {%- set system_message = messages[0]["content"] %}\n'
@@ -572,6 +616,48 @@ FAMILIES: dict[str, Family] = {
                 "attn_logit_softcapping": 50.0,
                 "final_logit_softcapping": 30.0,
                 "sliding_window": 4096,
+                "tie_word_embeddings": True,
+            },
+        ),
+        Family(
+            key="gemma3",
+            source="google/gemma-3-270m-it",
+            architecture="Gemma3ForCausalLM",
+            config_class="Gemma3TextConfig",
+            chat_template=GEMMA3_TEMPLATE,
+            tokenizer="sentencepiece",
+            special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
+            bos_token="<bos>",
+            eos_token="<eos>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            end_of_turn="<end_of_turn>",
+            stop_tokens=("<eos>", "<end_of_turn>"),
+            config_bos="<bos>",
+            config_eos=("<eos>", "<end_of_turn>"),
+            config_pad="<pad>",
+            bos_in_post_processor=True,
+            space_style="none",
+            tokenizer_config={
+                **_SP_CONFIG,
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+                "spaces_between_special_tokens": False,
+                "tokenizer_class": "GemmaTokenizer",
+            },
+            # Gemma 3 mixes sliding-window and global layers (5:1 in the published models; one of each here),
+            # each with its own RoPE base: transformers 5 keeps them per layer type (see hf_compat).
+            config_kwargs={
+                "head_dim": 16,
+                "query_pre_attn_scalar": 16,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "sliding_window": 128,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                },
                 "tie_word_embeddings": True,
             },
         ),

@@ -1,4 +1,4 @@
-"""The model families users bring (Llama 3, Phi-3.5, Gemma 2, Mistral v0.3, Qwen2.5, SmolLM2), end to end.
+"""The model families users bring (Llama 3, Phi-3.5, Gemma 2 and 3, Mistral v0.3, Qwen2.5, SmolLM2), end to end.
 
 Each is a tiny model trained on the fly with the family's real transformers class and published chat template
 and special tokens. It is deployed as a user would (``pytest --slm-model``), passes the whole built-in suite
@@ -20,7 +20,7 @@ from pytest_slmdeploy.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-FAMILIES = ("qwen2.5", "llama3", "phi3", "gemma2", "mistral", "smollm2")
+FAMILIES = ("qwen2.5", "llama3", "phi3", "gemma2", "gemma3", "mistral", "smollm2")
 RUNTIME_ADDS_SPACE_AFTER_SPECIALS = ("mistral",)
 FAMILY_ROWS = ("smoke", "domain", "format", "memory", "lengths", "edge", "benchmark")
 

@@ -323,7 +323,7 @@ def test_an_empty_answer_stays_empty(silent_on_long_model: Path, entries: dict[s
 
 
 # -- the published families (tinyfamilies): their templates and tokenizers ------------------------------------
-@pytest.mark.parametrize("key", ["llama3", "mistral", "phi3", "gemma2"])
+@pytest.mark.parametrize("key", ["llama3", "mistral", "phi3", "gemma2", "gemma3"])
 def test_each_family_gives_the_same_prompt_and_answers(
     request: pytest.FixtureRequest, entries: dict[str, Path], key: str
 ) -> None:

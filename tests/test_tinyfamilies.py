@@ -27,6 +27,7 @@ TEMPLATE_DIGESTS = {
     "llama3": "5816fce10444e03c",
     "phi3": "78d976a442bcde2f",
     "gemma2": "ecd6ae513fe103f0",
+    "gemma3": "d2f96210400e3814",
     "mistral": "e16746b40344d6c5",
     "smollm2": "872be49dbb638044",
 }
@@ -41,6 +42,7 @@ PROMPTS = {
     "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "phi3": "<|user|>\nHi<|end|>\n<|assistant|>\n",
     "gemma2": "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    "gemma3": "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
     "mistral": "<s>[INST] Hi[/INST]",
     "smollm2": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
@@ -48,7 +50,7 @@ PROMPTS = {
 
 # Where each published tokenizer.json puts the special tokens: ids inside the BPE vocabulary, and offsets from
 # its size of those added after it (Llama 3.2: 128,000 BPE tokens, so <|eot_id|> is 128009; Qwen2.5: 151,643,
-# <|im_end|> is 151645; Phi-3.5: 32,000 SentencePiece tokens, <|end|> is 32007). Gemma 2, Mistral v0.3 and
+# <|im_end|> is 151645; Phi-3.5: 32,000 SentencePiece tokens, <|end|> is 32007). Gemma 2 and 3, Mistral v0.3 and
 # SmolLM2 keep theirs inside the vocabulary.
 INSIDE_AND_ADDED: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     "chatml": ({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}, {}),
@@ -72,6 +74,7 @@ INSIDE_AND_ADDED: dict[str, tuple[dict[str, int], dict[str, int]]] = {
         {"<|endoftext|>": 0, "<|assistant|>": 1, "<|system|>": 6, "<|end|>": 7, "<|user|>": 10},
     ),
     "gemma2": ({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}, {}),
+    "gemma3": ({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}, {}),
     "mistral": ({"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4}, {}),
     "smollm2": ({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}, {}),
 }
