@@ -49,7 +49,7 @@ _MARKER = "slmdeploy_realmodel.json"
 # bit-exact flips it to "L'Etoile, ..." about as often as not, and the case would test a coin, not the build.)
 SMOLLM2_CASES = """\
 defaults:
-  max_tokens: 48
+  max_tokens: 128
 cases:
 - id: chemical-symbol-for-gold
   prompt: "What is the chemical symbol for gold?"
@@ -111,6 +111,9 @@ def make_hf_folder(target: Path, model: RegistryModel = SMOLLM2) -> Path:
     stamp = {"gguf": gguf.name, "bytes": gguf.stat().st_size, "version": model.version}
     marker = target / _MARKER
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        cases = target / "slm_cases.yaml"  # the cases may change without the weights (the build ignores them)
+        if model == SMOLLM2 and (not cases.is_file() or cases.read_text(encoding="utf-8") != SMOLLM2_CASES):
+            cases.write_text(SMOLLM2_CASES, encoding="utf-8")
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

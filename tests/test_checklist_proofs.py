@@ -217,3 +217,27 @@ def test_runtime_ignoring_sampling_fails_edge(pytester: pytest.Pytester, tiny_mo
     result = _run(pytester, tiny_model, warm_cache, "-m", "slm_edge")
     result.stdout.fnmatch_lines(["*sampling settings do not reach the runtime*", "FAIL *5. Handles edge cases*"])
     result.assert_outcomes(passed=1, failed=1)
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["cut-off", "declared"])
+def test_answers_cut_at_a_case_limit_count_in_the_stop_rate(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, declared: bool
+) -> None:
+    """An answer that hits its case's own limit did not stop (issue 21, item 2: such answers were left out of
+    the stop rate); only a case that declares the limit as expected (finish-reason: length) is not counted."""
+    expect = "{finish-reason: length}" if declared else "{not-contains: '<|im_end|>'}"
+    cases = "".join(
+        f"  - id: cut-{i}\n    prompt: {question!r}\n    max_tokens: 3\n    expect: {expect}\n"
+        for i, (question, _) in enumerate(FAQ[:4])
+    )
+    pytester.makefile(".yaml", slm_cases_cut=f"cases:\n{cases}")
+    result = _run(pytester, tiny_model, warm_cache, "-m", "slm_format or slm_domain")
+    total = len(FAQ) + 3 + (0 if declared else 4)  # the model's own cases, the built-in prompts, the cut ones
+    if declared:
+        result.stdout.fnmatch_lines([f"pass *2. Response format*stop rate {total}/{total}*"])
+        assert result.ret == pytest.ExitCode.OK
+    else:
+        result.stdout.fnmatch_lines(
+            ["*stopped by themselves*", f"FAIL *2. Response format*stop rate {total - 4}/{total}*"]
+        )
+        assert result.ret == pytest.ExitCode.TESTS_FAILED

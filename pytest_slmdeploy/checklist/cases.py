@@ -55,6 +55,11 @@ class Case:
     def prompt_text(self) -> str:
         return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
 
+    @property
+    def expects_limit(self) -> bool:
+        """The case declares that its answer runs to ``max_tokens`` (``finish-reason: length``)."""
+        return any(e.kind == "finish-reason" and e.value == "length" and not e.negate for e in self.expectations)
+
 
 @dataclass(frozen=True)
 class CaseResult:

@@ -85,16 +85,17 @@ def test_answers_stop_and_are_clean(
     special = fmt.SpecialTokens.from_model_dir(slm_deployment.entry_dir)
     max_new = int(slm_limits["format_max_new_tokens"])
     # The domain cases' own answers (shared with the domain family: generated once), then the built-in prompts.
-    asked: list[tuple[str, Any, int]] = [
-        (case.messages[-1]["content"], list(case.messages), case.max_tokens) for case in _domain_cases(request)
+    asked: list[tuple[str, Any, int, bool]] = [
+        (case.messages[-1]["content"], list(case.messages), case.max_tokens, case.expects_limit)
+        for case in _domain_cases(request)
     ]
-    asked += [(prompt, prompt, max_new) for prompt in fmt.GENERIC_PROMPTS]
+    asked += [(prompt, prompt, max_new, False) for prompt in fmt.GENERIC_PROMPTS]
     answer = getattr(slm_model, "answer", slm_model.generate)  # a wrapper of slm_model may only generate
     results = [fmt.check_format(label, answer(prompt, max_new_tokens=limit), special, require_stop=False)
-               for label, prompt, limit in asked]  # fmt: skip
-    # A case that chose a shorter limit than the format family's is no evidence of not stopping.
-    judged = [r for r, (_, _, limit) in zip(results, asked, strict=True)
-              if limit >= max_new or r.generation.finish_reason == "stop"]  # fmt: skip
+               for label, prompt, limit, _ in asked]  # fmt: skip
+    # Every answer counts at its own limit: a case's limit is the answer length its author expects. Only a case
+    # that declares running to its limit (finish-reason: length) is no evidence either way.
+    judged = [r for r, (*_, expects_limit) in zip(results, asked, strict=True) if not expects_limit]
     rate = fmt.stop_rate(judged)
     slm_figure("stop rate", f"{sum(r.generation.finish_reason == 'stop' for r in judged)}/{len(judged)}")
     problems = [r.explain() for r in results if not r.passed]
