@@ -43,12 +43,6 @@ class Comparison:
         return len(self.a)
 
     @property
-    def ratio(self) -> float:
-        """median(B) / median(A)."""
-        mid_a = median(self.a)
-        return median(self.b) / mid_a if mid_a else float("inf")
-
-    @property
     def verdict(self) -> Verdict:
         if self.excess_high <= 0:
             return "pass"

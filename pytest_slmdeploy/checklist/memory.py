@@ -58,10 +58,6 @@ class SoakResult:
     def mb_per_1k(self) -> float:
         return self.bytes_per_step * 1000 / 1e6
 
-    @property
-    def growth_mb(self) -> float:
-        return (self.rss[-1] - self.rss[0]) / 1e6 if self.rss else 0.0
-
     def quarters_mb(self) -> tuple[float, ...]:
         """Median RSS (MB) of each quarter of the samples, in order."""
         n = len(self.rss)
