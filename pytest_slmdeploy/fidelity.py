@@ -628,17 +628,18 @@ def score(
 
 
 def _near_tie(references: References, span: slice, deployed_top: NDArray[Any]) -> NDArray[np.bool_]:
-    """Positions where the deployed top-1 token is one the source ranks about as high as its own top-1: its
-    source probability is within TIE_MARGIN of the top one. Where the source cannot tell two tokens apart, the
-    deployed model picking the other one is not drift (a random or undecided model's argmax is a coin flip)."""
+    """Positions where the deployed top-1 token is one the source itself ranks about as high as its own top-1:
+    among the source's stored top-k, within TIE_MARGIN of the top probability. Where the source cannot tell two
+    tokens apart, the deployed model picking the other one is not drift. A token outside the stored top-k is
+    never forgiven: on a flat source distribution (a large vocabulary, nothing above 2%) any token would be
+    within the margin, and a model unrelated to the source would agree everywhere (issue 21, item 4)."""
     import numpy as np
 
     ids = references.topk_ids[span].astype(np.int64)
     probs = np.exp(references.topk_logprobs[span].astype(np.float64))
     hit = ids == deployed_top[:, None]
-    # A token outside the stored top-k has at most the k-th probability: near when the source is that flat.
-    p_deployed = np.where(hit.any(axis=1), (probs * hit).sum(axis=1), probs[:, -1])
-    near: NDArray[np.bool_] = probs[:, 0] - p_deployed <= TIE_MARGIN
+    p_deployed = (probs * hit).sum(axis=1)
+    near: NDArray[np.bool_] = hit.any(axis=1) & (probs[:, 0] - p_deployed <= TIE_MARGIN)
     return near
 
 
