@@ -8,10 +8,17 @@ whole rounds and gives an interval for the excess ``median(B) - (factor *
 median(A) + slack)``: entirely at or below zero passes, entirely above fails,
 and an interval that straddles zero is *inconclusive*: the spread seen in this
 run is too wide to decide, and the check says so instead of guessing.
+
+A bootstrap over a handful of rounds has few distinct resamples (10 for 3
+rounds) and cannot by itself support a 95% claim, so a decision also needs an
+exact sign test on the rounds' own excesses: at least 6 rounds, all on the
+decided side (one-sided p <= 2.5%), 8 of 9, and so on. Fewer is inconclusive,
+and the interleaved loop goes on measuring while rounds and time remain.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +29,14 @@ from typing import Literal, Protocol, TypeVar
 Verdict = Literal["pass", "fail", "inconclusive"]
 CONFIDENCE = 0.95
 RESAMPLES = 2000
+ALPHA = (1 - CONFIDENCE) / 2  # one-sided: a decision claims one direction
+
+
+def sign_test_p(successes: int, rounds: int) -> float:
+    """One-sided exact sign test: the chance of at least ``successes`` of ``rounds`` fair coin flips."""
+    return float(sum(math.comb(rounds, k) for k in range(successes, rounds + 1))) / 2.0**rounds
+
+
 T = TypeVar("T")
 
 
@@ -43,10 +58,19 @@ class Comparison:
         return len(self.a)
 
     @property
+    def excesses(self) -> tuple[float, ...]:
+        """Each round's own excess: B - (factor x A + slack) of the same round."""
+        return tuple(b - (self.factor * a + self.slack) for a, b in zip(self.a, self.b, strict=True))
+
+    def _sign_p(self, over: bool) -> float:
+        side = sum((e > 0) if over else (e <= 0) for e in self.excesses)
+        return sign_test_p(side, self.rounds)
+
+    @property
     def verdict(self) -> Verdict:
-        if self.excess_high <= 0:
+        if self.excess_high <= 0 and self._sign_p(over=False) <= ALPHA:
             return "pass"
-        if self.excess_low > 0:
+        if self.excess_low > 0 and self._sign_p(over=True) <= ALPHA:
             return "fail"
         return "inconclusive"
 
@@ -70,6 +94,14 @@ class Comparison:
         )
         interval = f"excess {_fmt(self.excess_low, self.unit)}..{_fmt(self.excess_high, self.unit)}"
         if self.verdict == "inconclusive":
+            if self.excess_low > 0 or self.excess_high <= 0:  # the interval decides, the rounds do not yet
+                over = self.excess_low > 0
+                side = sum((e > 0) if over else (e <= 0) for e in self.excesses)
+                return (
+                    f"inconclusive: {head}; {interval}, but {side} of {self.rounds} rounds "
+                    f"{'over' if over else 'within'} the allowed value: sign test p = {self._sign_p(over):.3g} "
+                    f"> {ALPHA:g}"
+                )
             return f"inconclusive: {head}; {interval} straddles 0 (spread {self.spread:.0%} of the allowed value)"
         return f"{self.verdict}: {head}; {interval}"
 

@@ -55,3 +55,25 @@ def test_interleaved_order_and_stopping() -> None:
     assert len(never[0]) == 5
     spent = interleaved([lambda: 0.0], min_rounds=2, max_rounds=50, budget_s=0.0)
     assert len(spent[0]) == 2  # the budget never cuts below the minimum
+
+
+@pytest.mark.parametrize(("rounds", "verdict"), [(3, "inconclusive"), (5, "inconclusive"), (6, "fail")])
+def test_a_decided_failure_needs_rounds_a_sign_test_supports(rounds: int, verdict: str) -> None:
+    """Issue 21, item 0: 3 interleaved rounds, all over the allowed value, were a decided failure (the bootstrap
+    has 10 distinct resamples of 3 rounds); an exact sign test on 3 of 3 gives p = 0.125. The healthy tiny
+    model failed the length sweep so under load."""
+    short = [36.4e-6, 35.1e-6, 38.0e-6, 36.0e-6, 37.2e-6, 35.5e-6][:rounds]
+    long = [697e-6, 640e-6, 720e-6, 660e-6, 700e-6, 690e-6][:rounds]
+    result = compare(short, long, factor=2, slack=500e-6, what="time per decoded token")
+    assert result.excess_low > 0  # the bootstrap alone would decide
+    assert result.verdict == verdict, result.explain()
+    if verdict == "inconclusive":
+        assert f"{rounds} of {rounds} rounds over the allowed value: sign test p = " in result.explain()
+
+
+def test_a_pass_needs_rounds_a_sign_test_supports() -> None:
+    a = [1.0, 1.01, 0.99]
+    assert compare(a, [x * 1.01 for x in a], factor=1.05).verdict == "inconclusive"
+    assert compare(a * 2, [x * 1.01 for x in a * 2], factor=1.05).verdict == "pass"
+    # One round in six over: 5 of 6 within gives p = 0.11, not yet a pass.
+    assert compare(a * 2, [*[x * 1.01 for x in a * 2][:5], 1.2], factor=1.05).verdict == "inconclusive"
