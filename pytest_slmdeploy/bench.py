@@ -31,7 +31,8 @@ METRICS: dict[str, tuple[str, bool]] = {
     "prefill_tps": ("tokens/s", True),
     "decode_tps": ("tokens/s", True),
     "e2e_ms": ("ms", False),
-    "peak_rss_mb": ("MB", False),
+    "peak_rss_mb": ("MB", False),  # the deployed model alone in a fresh process (measure.model_alone)
+    "process_peak_rss_mb": ("MB", False),  # the pytest process while benchmarking: reported, not gated
     "cpu_percent": ("%", False),
     "model_mb": ("MB", False),
     "size_ratio": ("x source", False),
@@ -70,7 +71,7 @@ class GenerationStats:
     e2e_ms: float
     decode_spread: float
     ttft_spread: float
-    peak_rss_mb: float
+    process_peak_rss_mb: float  # this (pytest) process's peak during the rounds: Olive, torch and all
     cpu_percent: float
     decode_interval: float = 0.0  # width of the 95% interval of the median, as a share of it
     ttft_interval: float = 0.0
@@ -91,7 +92,7 @@ class GenerationStats:
             e2e_ms=round(median(r.total_s for r in runs) * 1000, 3),
             decode_spread=round(spread(decodes), 4),
             ttft_spread=round(spread(ttfts), 4),
-            peak_rss_mb=round(peak_rss / 1e6, 1),
+            process_peak_rss_mb=round(peak_rss / 1e6, 1),
             cpu_percent=round(cpu_percent, 1),
             decode_interval=round(relative_width(decodes), 4),
             ttft_interval=round(relative_width(ttfts), 4),
@@ -478,7 +479,7 @@ class LlmBenchmark:
         self.benchmark.extra_info["extra_rounds"] = self.taken.extra
         self.benchmark.extra_info.update(asdict(stats))
         if reference:
-            for key in ("ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "peak_rss_mb", "cpu_percent"):
+            for key in ("ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "process_peak_rss_mb", "cpu_percent"):
                 self.record(f"{BENCH_PREFIX}{key}", getattr(stats, key))
         return stats
 

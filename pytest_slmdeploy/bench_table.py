@@ -38,7 +38,7 @@ COLUMNS = (
     ("decode tok/s", 12),
     ("spread", 6),
     ("rounds", 6),
-    ("peak RSS MB", 11),
+    ("proc RSS MB", 11),
 )
 
 
@@ -53,7 +53,7 @@ class Row:
     decode_tps: float
     decode_spread: float  # interquartile range of decode tok/s over its median (0.05 = 5%)
     rounds: int
-    peak_rss_mb: float
+    process_peak_rss_mb: float  # the pytest process (the model alone: peak_rss_mb in the history)
 
     @classmethod
     def of(cls, name: str, info: dict[str, Any]) -> Row | None:
@@ -67,7 +67,7 @@ class Row:
                 decode_tps=float(info["decode_tps"]),
                 decode_spread=float(info["decode_spread"]),
                 rounds=int(info["rounds"]),
-                peak_rss_mb=float(info["peak_rss_mb"]),
+                process_peak_rss_mb=float(info["process_peak_rss_mb"]),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -80,7 +80,7 @@ class Row:
             f"{self.decode_tps:.1f}",
             f"{100 * self.decode_spread:.1f}%",
             str(self.rounds),
-            f"{self.peak_rss_mb:.0f}",
+            f"{self.process_peak_rss_mb:.0f}",
         )
 
 

@@ -10,14 +10,11 @@ kernels (``fp32`` takes its place as the most faithful rung).
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from pytest_slmdeploy import measure
 from pytest_slmdeploy.checklist.cases import Case
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import SlmDeployError, describe
@@ -182,7 +179,7 @@ class RungJudge:
             reasons.append(
                 f"{len(missed)}/{len(self.cases)} domain cases missed (first: {case_id!r}: {', '.join(what)})"
             )
-        speed = _measure_speed(deployment.entry_dir, threads=self.settings.threads) if self.measure_speed else {}
+        speed = measure.model_alone(deployment.entry_dir, threads=self.settings.threads) if self.measure_speed else {}
         manifest = deployment.manifest
         return Rung(
             precision=precision,
@@ -221,48 +218,6 @@ class RungJudge:
         finally:
             model.close()
         return [(r.case.id, r.missed) for r in results if not r.passed]
-
-
-# A child process per rung, so each rung's peak RSS is that of a process running only this model.
-_SPEED = """
-import json, resource, sys
-from pathlib import Path
-from statistics import median
-def peak_bytes():
-    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would be the parent's peak.
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
-
-from pytest_slmdeploy.checklist.lengths import prompt_of_tokens
-from pytest_slmdeploy.runtime import open_model
-model = open_model("ort-genai", Path(sys.argv[1]), cache_root=Path(sys.argv[1]), model_name="ladder",
-                   threads=int(sys.argv[5]))
-backend = model.backend
-prompt = prompt_of_tokens(int(sys.argv[2]), lambda text: len(backend.encode(backend.render(text))))
-new = int(sys.argv[3])
-runs = [model.generate(prompt, max_new_tokens=new, min_new_tokens=new) for _ in range(int(sys.argv[4]) + 1)][1:]
-print(json.dumps({
-    "decode_tps": round(median(r.decode_tokens_per_s for r in runs), 2),
-    "ttft_ms": round(median(r.ttft_s for r in runs) * 1000, 2),
-    "peak_rss_mb": round(peak_bytes() / 1e6, 1),
-}))
-"""
-
-
-def _measure_speed(
-    entry_dir: Path, prompt_tokens: int = 128, new_tokens: int = 32, rounds: int = 5, *, threads: int
-) -> dict[str, float]:
-    """Median decode tok/s and TTFT at a 128-token prompt, and the peak RSS of a process that runs the model."""
-    args = [str(entry_dir), str(prompt_tokens), str(new_tokens), str(rounds), str(threads)]
-    done = subprocess.run([sys.executable, "-c", _SPEED, *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SlmDeployError(f"measuring the speed of {entry_dir} failed: {last}")
-    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return figures
 
 
 def run_ladder(

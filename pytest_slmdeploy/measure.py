@@ -1,12 +1,19 @@
-"""Process measurements shared by the stages: peak RSS of this process while a block runs."""
+"""Process measurements shared by the stages: peak RSS of this process while a block runs, and a deployed model
+measured alone in a process of its own."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 
 import psutil
+
+from pytest_slmdeploy.errors import SlmDeployError
 
 
 def rss_bytes() -> int:
@@ -55,3 +62,47 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self._t0
+
+
+# The deployed model alone in a fresh process: its peak RSS is the model's, not that of the pytest process
+# (which holds Olive, torch and the fp32 source for the fidelity references, 575 MB for a 0.3 MB model).
+_ALONE = """
+import json, resource, sys
+from pathlib import Path
+from statistics import median
+def peak_bytes():
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would be the parent's peak.
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+from pytest_slmdeploy.checklist.lengths import prompt_of_tokens
+from pytest_slmdeploy.runtime import open_model
+model = open_model("ort-genai", Path(sys.argv[1]), cache_root=Path(sys.argv[1]), model_name="alone",
+                   threads=int(sys.argv[5]))
+backend = model.backend
+prompt = prompt_of_tokens(int(sys.argv[2]), lambda text: len(backend.encode(backend.render(text))))
+new = int(sys.argv[3])
+runs = [model.generate(prompt, max_new_tokens=new, min_new_tokens=new) for _ in range(int(sys.argv[4]) + 1)][1:]
+print(json.dumps({
+    "decode_tps": round(median(r.decode_tokens_per_s for r in runs), 2),
+    "ttft_ms": round(median(r.ttft_s for r in runs) * 1000, 2),
+    "peak_rss_mb": round(peak_bytes() / 1e6, 1),
+}))
+"""
+
+
+def model_alone(
+    entry_dir: Path, prompt_tokens: int = 128, new_tokens: int = 32, rounds: int = 5, *, threads: int
+) -> dict[str, float]:
+    """Median decode tok/s and TTFT at a 128-token prompt, and the peak RSS (VmHWM) of a fresh process that
+    loads only this model (ONNX Runtime GenAI) and generates with it: ``peak_rss_mb`` wherever it is reported."""
+    args = [str(entry_dir), str(prompt_tokens), str(new_tokens), str(rounds), str(threads)]
+    done = subprocess.run([sys.executable, "-c", _ALONE, *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SlmDeployError(f"measuring {entry_dir} in a process of its own failed: {last}")
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures

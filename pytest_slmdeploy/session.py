@@ -45,6 +45,7 @@ class SlmDeploySession:
         self._foundry: Any = None
         self.report = RunReport()
         self.bench_metrics: dict[str, float] = {}
+        self._alone: dict[str, float] | None = None
         self.gate_result: GateResult | None = None
         self.gate_item_collected = self.gate_item_ran = False
         self.bench_saved: Path | None = None
@@ -332,13 +333,30 @@ class SlmDeploySession:
 
         return bench.History(self.settings.bench_history or self.config.rootpath / ".slmdeploy" / "history")
 
+    def _model_alone(self, entry_dir: Path) -> dict[str, float]:
+        """``peak_rss_mb``: the installed model alone in a fresh process, once per session (measure.model_alone);
+        the pytest process also holds Olive, torch and the source model, so its own peak is no model figure."""
+        if self._alone is None:
+            from pytest_slmdeploy import measure
+
+            try:
+                figures = measure.model_alone(entry_dir, rounds=1, threads=self.settings.threads)
+                self._alone = {"peak_rss_mb": figures["peak_rss_mb"]}
+            except SlmDeployError as exc:
+                self.report.notes.append(f"peak RSS of the model alone not measured: {exc}")
+                self._alone = {}
+        return self._alone
+
     def _run_metrics(self) -> dict[str, float]:
         """The benchmarks' metrics so far, with the build's figures and the warm start (empty if none ran)."""
         metrics = dict(self.bench_metrics)
         if metrics and self._plan is not None:
-            manifest = self._plan.state().manifest
+            state = self._plan.state()
+            manifest = state.manifest
             if manifest is not None:
                 metrics.update(manifest.figures())
+            if state.usable:
+                metrics.update(self._model_alone(self._plan.cache.entry_dir(self._plan.name)))
             if isinstance(self._deployment, Deployment) and self._deployment.cache_hit:
                 metrics["warm_start_s"] = round(self._deployment.stage_seconds, 4)
         return metrics

@@ -32,13 +32,13 @@ def _benchmark(name: str, **extra_info: float) -> SimpleNamespace:
 def test_one_row_per_llm_benchmark_and_a_line_per_other() -> None:
     llm = _benchmark(
         "test_benchmark_generation[128]", prompt_tokens=128, ttft_ms=12.345, prefill_tps=10368.9, decode_tps=812.55,
-        decode_spread=0.0213, rounds=10, peak_rss_mb=412.3, e2e_ms=50.0,
+        decode_spread=0.0213, rounds=10, process_peak_rss_mb=412.3, e2e_ms=50.0,
     )  # fmt: skip
     long_name = _benchmark("test_" + "x" * 60, prompt_tokens=16, ttft_ms=1.0, prefill_tps=1.0, decode_tps=1.0,
-                           decode_spread=0.0, rounds=3, peak_rss_mb=1.0)  # fmt: skip
+                           decode_spread=0.0, rounds=3, process_peak_rss_mb=1.0)  # fmt: skip
     lines = bench_table.lines_of([llm, _benchmark("test_plain"), long_name])
     assert re.split(r"\s{2,}", lines[0]) == [
-        "benchmark", "prompt", "TTFT ms", "prefill tok/s", "decode tok/s", "spread", "rounds", "peak RSS MB"
+        "benchmark", "prompt", "TTFT ms", "prefill tok/s", "decode tok/s", "spread", "rounds", "proc RSS MB"
     ]  # fmt: skip
     assert lines[1].split() == ["test_benchmark_generation[128]", "128", "12.3", "10369", "812.5", "2.1%", "10", "412"]
     assert lines[2].split()[0] == "test_" + "x" * 24 + "…"
@@ -46,7 +46,7 @@ def test_one_row_per_llm_benchmark_and_a_line_per_other() -> None:
     assert max(len(line) for line in lines) <= 105  # pytest-benchmark's: about 190
     # Figures right-aligned under their headings.
     assert lines[0].index("prompt") + len("prompt") == lines[1].index(" 128 ") + len(" 128")
-    assert lines[0].index("peak RSS MB") + len("peak RSS MB") == len(lines[1])
+    assert lines[0].index("proc RSS MB") + len("proc RSS MB") == len(lines[1])
 
 
 def test_a_model_run_shows_the_compact_table_not_pytest_benchmarks(
@@ -62,7 +62,7 @@ def test_a_model_run_shows_the_compact_table_not_pytest_benchmarks(
         [
             "*= slmdeploy =*",
             bench_table.TITLE,
-            "  benchmark * prompt * TTFT ms * prefill tok/s * decode tok/s * spread * rounds * peak RSS MB",
+            "  benchmark * prompt * TTFT ms * prefill tok/s * decode tok/s * spread * rounds * proc RSS MB",
             "  test_speed *",
             "  test_plain: median * ms over * rounds",
         ]
