@@ -51,6 +51,7 @@ class FamilyResult:
     figures: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     inconclusive: list[str] = field(default_factory=list)
+    skips: list[str] = field(default_factory=list)  # why each skipped test did not run (its skip message)
 
     @property
     def title(self) -> str:
@@ -96,7 +97,14 @@ class RunReport:
     ladder: dict[str, Any] | None = None  # --slm-precision auto: {"chosen", "rungs"} (ladder.Ladder.to_json)
     ladder_table: list[str] = field(default_factory=list)  # its Markdown table
 
-    def record(self, nodeid: str, when: str, outcome: str, user_properties: Iterable[tuple[str, Any]]) -> None:
+    def record(
+        self,
+        nodeid: str,
+        when: str,
+        outcome: str,
+        user_properties: Iterable[tuple[str, Any]],
+        skip_reason: str = "",
+    ) -> None:
         """Count one test report (call phase, or a failed/skipped setup) into its family."""
         props = list(user_properties)
         family = next((v for k, v in props if k == FAMILY_PROPERTY), None)
@@ -116,10 +124,24 @@ class RunReport:
                 result.failures.append(nodeid)
             else:
                 result.skipped += 1
+                result.skips.append(skip_reason or nodeid)
 
     @property
     def ok(self) -> bool:
         return not any(r.failed for r in self.families.values()) and not (self.gates and self.gates.failed)
+
+    def not_checked(self) -> list[str]:
+        """What this run did not check: each skipped test of a family, with its reason (a pass says nothing of
+        it). A family whose tests all skipped reads as skipped everywhere, never as passed."""
+        return [f"{r.title}: {reason}" for r in self.ordered() for reason in r.skips]
+
+    @property
+    def headline(self) -> str:
+        """``passed``, ``FAILED``, or ``passed, N not checked`` when some checks did not run."""
+        if not self.ok:
+            return "FAILED"
+        skipped = len(self.not_checked())
+        return f"passed, {skipped} not checked" if skipped else "passed"
 
     def ordered(self) -> list[FamilyResult]:
         return [self.families[f] for f in FAMILIES if f in self.families]
@@ -128,6 +150,8 @@ class RunReport:
         return {
             "model": self.model,
             "ok": self.ok,
+            "headline": self.headline,
+            "not_checked": self.not_checked(),
             "families": [
                 {
                     "family": r.family,
@@ -139,6 +163,7 @@ class RunReport:
                     "figures": r.figures,
                     "failures": r.failures,
                     "inconclusive": r.inconclusive,
+                    "skips": r.skips,
                 }
                 for r in self.ordered()
             ],
@@ -177,7 +202,7 @@ class RunReport:
     def to_markdown(self) -> str:
         name = self.model.get("name", "model")
         lines = [
-            f"### pytest-slmdeploy: {name} {'passed' if self.ok else 'FAILED'}",
+            f"### pytest-slmdeploy: {name} {self.headline}",
             "",
             "| | checklist item | tests | key figures |",
             "|---|---|---|---|",
@@ -185,6 +210,10 @@ class RunReport:
         icons = {"pass": "✅", "FAIL": "❌", "skipped": "⏭️"}
         for status, title, counts, figures in self.table_rows():
             lines.append(f"| {icons[status]} | {title} | {counts} | {figures or '-'} |")
+        skipped = self.not_checked()
+        if skipped:
+            lines += ["", "Not checked (skipped, not passed):", ""]
+            lines += [f"- {line}" for line in skipped]
         undecided = self.inconclusive_lines()
         if undecided:
             lines += ["", "Timing verdicts this run's noise could not decide (not failures):", ""]

@@ -271,7 +271,10 @@ class SlmDeploySession:
                 model.segment += 1
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.report.record(report.nodeid, report.when, report.outcome, report.user_properties)
+        reason = ""
+        if report.skipped and isinstance(report.longrepr, tuple):  # (file, line, "Skipped: why")
+            reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        self.report.record(report.nodeid, report.when, report.outcome, report.user_properties, reason)
         if report.when == "call" and report.passed:
             self.bench_metrics.update(metrics_of(report.user_properties))
 
@@ -461,6 +464,8 @@ class SlmDeploySession:
         terminalreporter.section("slmdeploy")
         for line in self.report.terminal_lines():
             terminalreporter.write_line(line, red=line.startswith("FAIL"), green=line.startswith("pass"))
+        for line in self.report.not_checked():
+            terminalreporter.write_line(f"not checked (skipped): {line}", yellow=True)
         for line in self.report.inconclusive_lines():
             terminalreporter.write_line(f"inconclusive (not a failure): {line}", yellow=True)
         table = bench_table.take_over(self.config)

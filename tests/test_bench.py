@@ -384,3 +384,26 @@ def test_the_gate_item(
     assert f'failures="{outcomes.get("failed", 0)}"' in junit
     assert '<testcase classname="slmdeploy" name="benchmark_gates"' in junit
     assert not history.exists() or record is not None, "without --slm-bench-save nothing is saved"
+
+
+def test_skipped_checks_are_not_passed_in_any_report() -> None:
+    """Issue 21, item 5: a skipped domain family and a skipped Foundry smoke test read 'passed' in the step
+    summary's headline and nowhere said what was not checked."""
+    from pytest_slmdeploy.report import FAMILY_PROPERTY
+
+    report = RunReport(model={"name": "m"})
+    smoke, domain = [(FAMILY_PROPERTY, "smoke")], [(FAMILY_PROPERTY, "domain")]
+    report.record("t::loads", "call", "passed", smoke)
+    report.record("t::foundry", "setup", "skipped", smoke, "foundry-local-sdk is not installed")
+    report.record("t::cases", "call", "skipped", domain, "no domain cases")
+    assert report.ok
+    assert report.headline == "passed, 2 not checked"
+    assert report.families["domain"].status == "skipped"
+    markdown = report.to_markdown()
+    assert markdown.startswith("### pytest-slmdeploy: m passed, 2 not checked")
+    assert "Not checked (skipped, not passed):" in markdown
+    assert ": foundry-local-sdk is not installed" in markdown
+    assert ": no domain cases" in markdown
+    data = report.to_json()
+    assert data["headline"] == "passed, 2 not checked"
+    assert len(data["not_checked"]) == 2
