@@ -92,7 +92,7 @@ _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
      "write the metrics for github-action-benchmark (customBiggerIsBetter/SmallerIsBetter) to FILE.",
      {"metavar": "FILE"}),
     ("--slm-fail-inconclusive", "slm_fail_inconclusive", "bool",
-     "fail timing checks that the run's noise leaves undecided (default: report them as inconclusive); "
+     "fail timing and memory checks that the run's evidence leaves undecided (default: report them as inconclusive); "
      "for quiet, dedicated runners.", {"action": "store_const", "const": True}),
     ("--slm-suite", "slm_suite", "bool",
      "run the built-in checklist suite (default); --slm-no-suite turns it off.",

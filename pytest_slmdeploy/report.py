@@ -216,7 +216,7 @@ class RunReport:
             lines += [f"- {line}" for line in skipped]
         undecided = self.inconclusive_lines()
         if undecided:
-            lines += ["", "Timing verdicts this run's noise could not decide (not failures):", ""]
+            lines += ["", "Verdicts this run's evidence could not decide (timing, memory; not failures):", ""]
             lines += [f"- {line}" for line in undecided]
         if self.gates is not None:
             lines += ["", *self.gates.to_markdown()]
