@@ -472,6 +472,12 @@ class FidelityResult:
             f"perplexity ratio {self.perplexity_ratio:.3f} ({self.positions} tokens teacher-forced)"
         )
 
+    def prompt_match(self) -> str:
+        """How many prompts the deployed tokenizer and chat template turn into the source's very ids (the
+        figures use the source's ids, so where they differ the deployed pipeline is not what was scored)."""
+        known = [p.runtime_prompt_match for p in self.prompts if p.runtime_prompt_match is not None]
+        return f"{sum(known)}/{len(known)}" if known else "unknown"
+
     def passes(self, limits: FidelityLimits) -> bool:
         return not limits.violations(self)
 

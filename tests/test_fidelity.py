@@ -83,6 +83,10 @@ def test_healthy_int4_is_faithful(healthy_int4: Path, healthy_refs: References) 
     assert result.answers_identical == result.total == len(PROMPTS), result.summary()
     assert result.mean_kld < limits.max_mean_kld / 100, result.summary()
     assert all(p.runtime_prompt_match for p in result.prompts)
+    assert result.prompt_match() == f"{len(PROMPTS)}/{len(PROMPTS)}"
+    first = dataclasses.replace(result.prompts[0], runtime_prompt_match=False)
+    mismatched = dataclasses.replace(result, prompts=(first, *result.prompts[1:]))
+    assert mismatched.prompt_match() == f"{len(PROMPTS) - 1}/{len(PROMPTS)}"
 
 
 def test_outlier_int4_drifts(outlier_int4: Path, outlier_refs: References) -> None:
