@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from statistics import median
 
 from pytest_slmdeploy.runtime import Generation
 from pytest_slmdeploy.stats import Comparison, compare
@@ -57,7 +58,13 @@ def answer_problems(answers: Sequence[Generation]) -> list[str]:
 
 
 def per_token_s(generation: Generation) -> float:
-    """Seconds per decoded token after the first (0 when nothing was decoded)."""
+    """Seconds per decoded token after the first (0 when nothing was decoded): the median step where the backend
+    times each step. A step the scheduler preempted takes a whole time slice; a long prompt's round lasts longer
+    and collects more of them, so under load the mean step grew with the prompt on a healthy model (the tiny
+    Gemma 2 model: 912 us against 46 us with two other builds running, issue 21, item 0). A model that really
+    slows with the context slows every step, and the median shows it."""
+    if generation.step_s:
+        return median(generation.step_s)
     rate = generation.decode_tokens_per_s
     return 1 / rate if rate else 0.0
 

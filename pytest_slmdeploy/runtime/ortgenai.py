@@ -85,13 +85,19 @@ class OrtGenaiBackend:
         generator = self._og.Generator(self.model, params)
         generator.append_tokens(prompt_ids)
         new_ids: list[int] = []
+        steps: list[float] = []
         ttft = 0.0
+        last = start
         while not generator.is_done():
             generator.generate_next_token()
             new_ids.append(int(generator.get_next_tokens()[0]))
+            now = time.perf_counter()
             if len(new_ids) == 1:
-                ttft = time.perf_counter() - start
-        total = time.perf_counter() - start
+                ttft = now - start
+            else:
+                steps.append(now - last)
+            last = now
+        total = last - start
         del generator
         stopped = bool(new_ids) and new_ids[-1] in self.eos_token_ids
         text_ids = new_ids[:-1] if stopped else new_ids
@@ -103,6 +109,7 @@ class OrtGenaiBackend:
             ttft_s=ttft,
             total_s=total,
             token_ids=tuple(text_ids),
+            step_s=tuple(steps),
         )
 
     def close(self) -> None:

@@ -55,6 +55,7 @@ class Generation:
     ttft_s: float
     total_s: float
     token_ids: tuple[int, ...] = ()  # the answer's token ids where the backend exposes them (ORT GenAI)
+    step_s: tuple[float, ...] = ()  # seconds of each decode step after the first token, where the backend times them
 
     @property
     def decode_tokens_per_s(self) -> float:
