@@ -84,3 +84,24 @@ def test_the_limits_table_shows_the_defaults() -> None:
     text = (DOCS / "checklist.md").read_text()
     for key, (default, _) in LIMITS.items():
         assert f"| `slm_{key}` | `{default:g}` |" in text, key
+
+
+def test_the_readme_output_has_the_codes_labels() -> None:
+    """The README's sample output (pasted from a run of scripts/example.sh) names every checklist row as the
+    report does, in its order, and the benchmark table's header as bench_table writes it (issue 21, item 11:
+    it had lost row 6 and kept old memory and edge labels)."""
+    from pytest_slmdeploy import bench_table
+    from pytest_slmdeploy.report import FAMILIES
+
+    text = README.read_text()
+    block = text[text.index("What the main job prints") :]
+    block = block[block.index("```") + 3 : block.index("```", block.index("```") + 3)]
+    rows = [line[8:].split("  ")[0].strip() for line in block.splitlines() if line.startswith(("pass    ", "FAIL    "))]
+    assert rows == list(FAMILIES.values())
+    header = (
+        "  benchmark".ljust(2 + bench_table.NAME_WIDTH)
+        + "  "
+        + "  ".join(name.rjust(width) for name, width in bench_table.COLUMNS)
+    )
+    assert bench_table.TITLE in block
+    assert any(line.split() == header.split() for line in block.splitlines()), header
