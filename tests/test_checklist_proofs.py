@@ -242,3 +242,17 @@ def test_answers_cut_at_a_case_limit_count_in_the_stop_rate(
             ["*stopped by themselves*", f"FAIL *2. Response format*stop rate {total - 4}/{total}*"]
         )
         assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_a_context_longer_than_the_sweep_is_still_checked(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path
+) -> None:
+    """Issue 21, item 7: the context test skipped whenever the context exceeded slm_lengths_max_tokens, i.e. on
+    every real SLM, and the row still said pass. Now the deployed context is held to the source's config and a
+    prompt over it must be refused (no prefill needed); only the full-context generation is left out, and said."""
+    result = _run(pytester, tiny_model, warm_cache, "-m", "slm_lengths", "-o", "slm_lengths_max_tokens=32")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["pass *4. Consistent performance*context boundary 512 tokens as the source; over it refused; a full "
+         "context not tried (over slm_lengths_max_tokens = 32)*"]
+    )  # fmt: skip

@@ -173,17 +173,36 @@ def test_every_length_works_and_scales(
 
 
 @pytest.mark.slm_lengths
-def test_context_boundary_is_handled(slm_model: Any, slm_limits: dict[str, float]) -> None:
-    """A prompt that leaves room for one token gets exactly one (the runtime at a full context); one over the
-    context gets the documented ContextOverflowError, never a crash."""
+def test_context_boundary_is_handled(
+    slm_model: Any, slm_deployment: Any, slm_limits: dict[str, float], slm_figure: Any
+) -> None:
+    """The deployed context is the source's; one token over it gets the documented ContextOverflowError (checked
+    before any prefill, so on every model); and, where the context fits ``slm_lengths_max_tokens``, a prompt
+    that leaves room for one token gets at most that token (the runtime at a full context)."""
     backend = slm_model.backend
     context = getattr(backend, "context_length", None)
     if context is None or not hasattr(backend, "encode"):
         pytest.skip("the context length is known with the ort-genai backend")
+    source_config = json.loads((slm_deployment.entry_dir / "config.json").read_text())
+    text_config = source_config.get("text_config") or source_config
+    declared = text_config.get("max_position_embeddings")
+    if isinstance(declared, int):
+        assert context == declared, f"deployed context {context} tokens, the source's config.json says {declared}"
+
+    def count(text: str) -> int:
+        return len(backend.encode(backend.render(text)))
+
+    over = lengths.FILLER
+    while count(over) <= context:  # doubling: a few encodes even for a 128k context
+        over += over
+    with pytest.raises(ContextOverflowError, match="the model's context is"):
+        slm_model.generate(over, max_new_tokens=4)
     longest = int(slm_limits["lengths_max_tokens"])
     if context > longest:  # a full 32k context would take minutes of prefill on a CPU
-        pytest.skip(f"the {context}-token context is longer than slm_lengths_max_tokens ({longest}): raise it to try")
-    prompt = lengths.prompt_of_tokens(context - 1, lambda text: len(backend.encode(backend.render(text))))
+        slm_figure("context boundary", f"{context} tokens as the source; over it refused; a full context not tried "
+                   f"(over slm_lengths_max_tokens = {longest})")  # fmt: skip
+        return
+    prompt = lengths.prompt_of_tokens(context - 1, count)
     answer = slm_model.generate(prompt, max_new_tokens=8)
     room = context - answer.prompt_tokens
     assert answer.new_tokens + (answer.finish_reason == "stop") <= room, (
@@ -192,6 +211,7 @@ def test_context_boundary_is_handled(slm_model: Any, slm_limits: dict[str, float
     assert answer.finish_reason in ("stop", "length")
     with pytest.raises(ContextOverflowError, match="the model's context is"):
         slm_model.generate(prompt + " and more words to overflow", max_new_tokens=4)
+    slm_figure("context boundary", f"{context} tokens as the source; full context and over it checked")
 
 
 # -- 5. edge cases -------------------------------------------------------------------------------
