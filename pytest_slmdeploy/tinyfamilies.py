@@ -426,6 +426,35 @@ class Family:
 
 _SP_CONFIG = {"clean_up_tokenization_spaces": False, "sp_model_kwargs": {}, "use_default_system_prompt": False}
 
+# Gemma 2 and Gemma 3 share their tokenizer and special tokens (the published tokenizer_config of both).
+# <mask> at its published id 4: transformers' GemmaTokenizer names it by default, so the built tokenizer_config
+# has it, and a vocabulary without it makes the runtime give it an id past the embedding (the edge family found
+# "<mask>" in a prompt crashing the runtime).
+_GEMMA_TOKENS: dict[str, Any] = {
+    "tokenizer": "sentencepiece",
+    "special_tokens": ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
+    "bos_token": "<bos>",
+    "eos_token": "<eos>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "end_of_turn": "<end_of_turn>",
+    "stop_tokens": ("<eos>", "<end_of_turn>"),
+    "config_bos": "<bos>",
+    "config_eos": ("<eos>", "<end_of_turn>"),
+    "config_pad": "<pad>",
+    "bos_in_post_processor": True,
+    "space_style": "none",
+    "tokenizer_config": {
+        **_SP_CONFIG,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "GemmaTokenizer",
+    },
+}
+
+
 FAMILIES: dict[str, Family] = {
     family.key: family
     for family in (
@@ -584,30 +613,7 @@ FAMILIES: dict[str, Family] = {
             architecture="Gemma2ForCausalLM",
             config_class="Gemma2Config",
             chat_template=GEMMA2_TEMPLATE,
-            tokenizer="sentencepiece",
-            # <mask> at its published id 4: transformers' GemmaTokenizer names it by default, so the built
-            # tokenizer_config has it, and a vocabulary without it makes the runtime give it an id past the
-            # embedding (the edge family found "<mask>" in a prompt crashing the runtime).
-            special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
-            bos_token="<bos>",
-            eos_token="<eos>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            end_of_turn="<end_of_turn>",
-            stop_tokens=("<eos>", "<end_of_turn>"),
-            config_bos="<bos>",
-            config_eos=("<eos>", "<end_of_turn>"),
-            config_pad="<pad>",
-            bos_in_post_processor=True,
-            space_style="none",
-            tokenizer_config={
-                **_SP_CONFIG,
-                "add_bos_token": True,
-                "add_eos_token": False,
-                "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
-                "spaces_between_special_tokens": False,
-                "tokenizer_class": "GemmaTokenizer",
-            },
+            **_GEMMA_TOKENS,
             # Gemma 2's 256-wide heads do not fit a 64-wide model: 16, with the query scale that goes with it.
             config_kwargs={
                 "head_dim": 16,
@@ -625,27 +631,7 @@ FAMILIES: dict[str, Family] = {
             architecture="Gemma3ForCausalLM",
             config_class="Gemma3TextConfig",
             chat_template=GEMMA3_TEMPLATE,
-            tokenizer="sentencepiece",
-            special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
-            bos_token="<bos>",
-            eos_token="<eos>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            end_of_turn="<end_of_turn>",
-            stop_tokens=("<eos>", "<end_of_turn>"),
-            config_bos="<bos>",
-            config_eos=("<eos>", "<end_of_turn>"),
-            config_pad="<pad>",
-            bos_in_post_processor=True,
-            space_style="none",
-            tokenizer_config={
-                **_SP_CONFIG,
-                "add_bos_token": True,
-                "add_eos_token": False,
-                "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
-                "spaces_between_special_tokens": False,
-                "tokenizer_class": "GemmaTokenizer",
-            },
+            **_GEMMA_TOKENS,
             # Gemma 3 mixes sliding-window and global layers (5:1 in the published models; one of each here),
             # each with its own RoPE base: transformers 5 keeps them per layer type (see hf_compat).
             config_kwargs={
