@@ -421,13 +421,10 @@ def gguf_timer(path: Path, threads: int, prompt_tokens: int = SPEED_PROMPT_TOKEN
 def interleaved(timers: dict[str, Callable[[], Timing]], rounds: int) -> dict[str, list[Timing]]:
     """Every build loaded at once and timed in turn, round after round (after one warm-up round), so a change
     in the machine's load falls on all of them alike; a build's rounds pair with every other build's."""
-    timings: dict[str, list[Timing]] = {name: [] for name in timers}
-    for r in range(rounds + 1):
-        for name, once in timers.items():
-            timing = once()
-            if r:
-                timings[name].append(timing)
-    return timings
+    from pytest_slmdeploy.stats import interleaved as in_turn
+
+    samples = in_turn(list(timers.values()), min_rounds=rounds + 1, max_rounds=rounds + 1, budget_s=float("inf"))
+    return {name: timings[1:] for name, timings in zip(timers, samples, strict=True)}
 
 
 def ratio(timings: dict[str, list[Timing]], build: str, reference: str) -> tuple[float, float, float]:
