@@ -218,7 +218,7 @@ def _int8(source: SourceModel, choices: BuildChoices) -> dict[str, Any]:
         "rtn": {
             "type": "OnnxBlockWiseRtnQuantization",
             "bits": 8,
-            "block_size": 32 if block_size(source, (32, 16)) == 32 else 16,
+            "block_size": block_size(source, (32, 16)),
             "is_symmetric": True,
             "accuracy_level": 4,  # int8 activations inside MatMulNBits: the fast CPU kernel
             "nodes_to_exclude": [EMBEDDING_GATHER],
