@@ -3,11 +3,14 @@ measured alone in a process of its own."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -19,6 +22,27 @@ from pytest_slmdeploy.errors import SlmDeployError
 def rss_bytes() -> int:
     """This process's resident set size now."""
     return int(psutil.Process().memory_info().rss)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+def in_use_rss_bytes() -> int:
+    """RSS once the C allocator has handed its free pages back (glibc's ``malloc_trim``): what is left is
+    memory in use, so a small leak shows at once instead of first filling pages freed earlier (a leak of 24 kB
+    per generation stayed invisible for dozens of generations in plain RSS). Slower than :func:`rss_bytes`;
+    the same as it where the allocator has no trim."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    return rss_bytes()
 
 
 class PeakRss:
@@ -68,6 +92,7 @@ class Stopwatch:
 # (which holds Olive, torch and the fp32 source for the fidelity references, 575 MB for a 0.3 MB model).
 _ALONE = """
 import json, resource, sys
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 def peak_bytes():

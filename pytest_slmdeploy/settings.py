@@ -59,10 +59,11 @@ def default_model_name(model_path: Path, precision: str) -> str:
 LIMITS: dict[str, tuple[float, str]] = {
     "format_min_stop_rate": (0.9, "share of answers that must end by themselves (finish reason stop)"),
     "format_max_new_tokens": (128, "token limit per answer in the format checks"),
-    "memory_generations": (300, "generations judged: the session's own, then a soak for the rest (after warm-up)"),
+    "memory_generations": (300, "most generations replayed, all kinds of request together (each kind: 10 at least)"),
     "memory_warmup": (20, "generations at the start of the session that are not judged"),
-    "memory_seconds": (15, "time budget of the soak in seconds (after the session's own generations)"),
+    "memory_seconds": (15, "time budget of the replay in seconds, shared by the kinds of request (past 10 each)"),
     "memory_max_mb_per_1k": (8.0, "allowed RSS growth in MB per 1,000 generations (robust slope)"),
+    "memory_max_bytes_per_token": (100.0, "allowed RSS growth per token of a generation (prompt and answer)"),
     "memory_load_cycles": (6, "load/unload cycles in the reload check"),
     "memory_max_load_share": (0.1, "allowed RSS growth per load/unload cycle, as a share of the model's size"),
     "memory_load_slack_mb": (0.5, "absolute slack in MB per load/unload cycle for allocator noise"),

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations, pairwise
 from statistics import NormalDist, median
 
-from pytest_slmdeploy.measure import rss_bytes
+from pytest_slmdeploy.measure import in_use_rss_bytes
+from pytest_slmdeploy.runtime import Request, RssSample
 from pytest_slmdeploy.stats import CONFIDENCE, Verdict
+
+PROMPT_EDGES = (64, 256)  # prompt lengths (tokens) that part the kinds of request replayed
+LONG_ANSWER = 32  # answers (tokens) longer than this are another kind
 
 
 def _slopes(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
@@ -85,7 +89,7 @@ class SoakResult:
         return low > limit_bytes_per_step and self.verdict(limit_bytes_per_step) == "fail"
 
     def judged(self, limit_bytes_per_step: float, limit_text: str) -> SoakVerdict:
-        return SoakVerdict(self.verdict(limit_bytes_per_step), self, limit_text)
+        return SoakVerdict(self.verdict(limit_bytes_per_step), self, limit_text, limit_bytes=limit_bytes_per_step)
 
     def explain(self, limit_mb_per_1k: float) -> str:
         return (
@@ -102,6 +106,7 @@ class SoakVerdict:
     result: SoakResult
     limit: str
     why: str = "RSS rose, but not steadily (an arena growing once, or noise)"  # of an inconclusive verdict
+    limit_bytes: float = 0.0  # the limit per step
 
     def explain(self) -> str:
         r = self.result
@@ -115,48 +120,113 @@ class SoakVerdict:
         return f"{self.verdict}: {head}"
 
 
-def session_and_soak(session: SoakVerdict, soak: SoakVerdict | None) -> SoakVerdict:
-    """One verdict from the session's generations and the warm soak after them (None: no soak).
-
-    A steady rise over the session fails when the soak rises too, or when there is no soak to ask. When the
-    soak stayed within the limit, the rise stopped by the end: a runtime still warming up (Foundry Local's
-    grows for its first hundred or so requests), or a leak in requests the soak does not make: inconclusive.
-    Without a steady rise over the session, the soak decides (the session's mixed prompts grow allocator
-    arenas on the way, which is no leak but blurs a trend)."""
-    if soak is None:
-        return session
-    if session.verdict != "fail":
-        return soak
-    if soak.verdict == "pass":
-        why = (
-            f"RSS rose steadily over the session's generations but not over the last {soak.result.steps - 1} "
-            f"(the soak: {soak.result.mb_per_1k:.3g} MB per 1,000): a runtime warming up, or a leak in requests "
-            "the soak does not make"
-        )
-        return SoakVerdict("inconclusive", session.result, session.limit, why)
-    return session
-
-
-def session_series(samples: Sequence[tuple[int, int, int]], *, warmup: int) -> tuple[int, ...]:
-    """RSS attributable to generations, from every generation's ``(segment, tokens, rss)`` after ``warmup``.
-
-    Only the growth from one generation to the next within a segment (generations one after the other, as
-    in one test) counts: what other work does between segments (loading a second model, a load/unload
-    cycle) is not the generations' doing. A generation that processes a longer sequence than any before it
-    may grow its buffers once, so its growth does not count either. The series starts at the first sample's
-    RSS and adds the counted growth, so a leak in every generation rises steadily and one-off growth does not.
-    """
+def session_series(samples: Sequence[RssSample], *, warmup: int) -> tuple[int, ...]:
+    """RSS attributable to the session's generations, from every generation's :class:`RssSample` after
+    ``warmup``: each generation's own growth (RSS after it against before it, a test's first generation's
+    included), and not what the caller does between generations (a test's own work, loading a second model).
+    As the one explicit warm-up past ``warmup``, a generation that processes a longer sequence than any
+    before it may grow its buffers once. The series starts at the first sample's RSS and adds the counted
+    growth, so a leak in every generation, or in each test's first, rises steadily."""
     kept = list(samples[warmup:])
     if not kept:
         return ()
-    longest = max(tokens for _, tokens, _ in samples[: warmup + 1])
-    series = [kept[0][2]]
-    for previous, current in pairwise(kept):
-        grown = current[2] - previous[2]
-        counted = current[0] == previous[0] and current[1] <= longest
-        longest = max(longest, current[1])
-        series.append(series[-1] + (grown if counted else 0))
+    longest = max(sample.tokens for sample in samples[: warmup + 1])
+    series = [kept[0].rss]
+    for current in kept[1:]:
+        counted = current.tokens <= longest
+        longest = max(longest, current.tokens)
+        series.append(series[-1] + (current.rss - current.rss_before if counted else 0))
     return tuple(series)
+
+
+@dataclass(frozen=True)
+class RequestKind:
+    """Requests of one kind that the session made, for a replay soak to send again. ``first_in_test``: each
+    opened a test (the replay starts a new memory segment before each, as a new test does)."""
+
+    label: str
+    requests: tuple[Request, ...]
+    tokens: int  # median sequence length (prompt and answer) of the kind's generations in the session
+    first_in_test: bool = False
+
+
+def _label(request: Request, sample: RssSample) -> str:
+    roles = [dict(message).get("role") for message in request.messages]
+    prompt_tokens = sample.tokens - sample.new_tokens
+    size = next((f"<={edge}" for edge in PROMPT_EDGES if prompt_tokens <= edge), f">{PROMPT_EDGES[-1]}")
+    parts = [
+        "system prompt" if "system" in roles else "",
+        "multi-turn" if roles.count("user") > 1 else "",
+        "sampled" if request.options.do_sample else "",
+        f"prompt {size} tokens",
+        f"answer {'>' if sample.new_tokens > LONG_ANSWER else '<='}{LONG_ANSWER} tokens",
+    ]
+    return ", ".join(part for part in parts if part)
+
+
+def request_kinds(samples: Sequence[RssSample], requests: Mapping[str, Request]) -> list[RequestKind]:
+    """The session's kinds of request (warm-up's included), each with its distinct requests in first-seen
+    order: by system prompt, turns, sampling, prompt length and answer length; and one more kind, the
+    requests that opened a test (a leak on a test's first generation repeats only there)."""
+    by_label: dict[str, dict[str, list[int]]] = {}
+    first: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        request = requests.get(sample.request)
+        if request is None:
+            continue
+        by_label.setdefault(_label(request, sample), {}).setdefault(sample.request, []).append(sample.tokens)
+        if i == 0 or samples[i - 1].segment != sample.segment:
+            first.setdefault(sample.request, []).append(sample.tokens)
+
+    def kind(label: str, seen: dict[str, list[int]], first_in_test: bool = False) -> RequestKind:
+        tokens = int(median(t for lengths in seen.values() for t in lengths))
+        return RequestKind(label, tuple(requests[key] for key in seen), tokens, first_in_test)
+
+    kinds = [kind(label, seen) for label, seen in by_label.items()]
+    return kinds + ([kind("a test's first generation", first, first_in_test=True)] if first else [])
+
+
+def kind_limit(per_generation: float, per_token: float, tokens: int) -> tuple[float, str]:
+    """The limit (bytes per generation, and as text) of a kind of request whose generations process ``tokens``:
+    the per-generation limit, or the per-token one times ``tokens`` where lower, but never below half the
+    per-generation limit: on a busy machine ONNX Runtime GenAI's sampled generations grow RSS by 2-3 kB each
+    for a few hundred generations (0.2 kB each over 1,500), which a 15-token request's 1.5 kB would fail."""
+    by_tokens = max(per_token * tokens, per_generation / 2)
+    if by_tokens >= per_generation:
+        return per_generation, f"{per_generation / 1e3:.3g} kB per generation"
+    text = f"{by_tokens / 1e3:.3g} kB per generation: {per_token:g} B per token x {tokens} tokens"
+    if by_tokens == per_generation / 2:
+        text += f", raised to half of {per_generation / 1e3:.3g} kB"
+    return by_tokens, text
+
+
+def decide(session: SoakVerdict, replays: Sequence[SoakVerdict]) -> SoakVerdict:
+    """One verdict from the session's own generations and the replay soak of each kind of request they made.
+
+    A kind whose replay rises steadily over its limit fails (the worst is the headline). A steady rise over the
+    session that no kind's replay reproduces is inconclusive (a runtime still warming up, as Foundry Local's
+    grows for its first hundred or so requests, or growth between generations): a flat replay never turns a
+    session's rise into a pass. Otherwise an undecided replay is inconclusive, and a pass shows the replay
+    closest to its limit."""
+    if not replays:
+        return session
+
+    def share(verdict: SoakVerdict) -> float:
+        return verdict.result.bytes_per_step / verdict.limit_bytes if verdict.limit_bytes else 0.0
+
+    failed = [v for v in replays if v.verdict == "fail"]
+    if failed:
+        return max(failed, key=share)
+    worst = max(replays, key=share)
+    if session.verdict == "fail":
+        why = (
+            "RSS rose steadily over the session's generations, but no kind of request rose when replayed "
+            f"(the closest: {worst.result.what}, {worst.result.bytes_per_step / 1e3:.3g} kB per generation): "
+            "a runtime warming up, or growth between generations"
+        )
+        return SoakVerdict("inconclusive", session.result, session.limit, why, session.limit_bytes)
+    undecided = [v for v in replays if v.verdict == "inconclusive"]
+    return max(undecided, key=share) if undecided else worst
 
 
 def soak(
@@ -167,15 +237,24 @@ def soak(
     time_budget_s: float,
     what: str = "soak",
     per: str = "generation",
+    min_steps: int = 10,
+    done: Callable[[SoakResult], bool] | None = None,
 ) -> SoakResult:
-    """Run ``step(i)`` ``warmup`` times, then up to ``steps`` times (or until the budget), sampling RSS."""
+    """Run ``step(i)`` ``warmup`` times, then up to ``steps`` times, sampling RSS; past ``min_steps``, stop at
+    the time budget or once ``done(result so far)`` (a settled trend)."""
     for i in range(warmup):
         step(i)
     start = time.perf_counter()
-    samples = [rss_bytes()]
+    samples = [in_use_rss_bytes()]
+
+    def so_far() -> SoakResult:
+        return SoakResult(what, tuple(samples), time.perf_counter() - start, per)
+
     for i in range(steps):
         step(warmup + i)
-        samples.append(rss_bytes())
-        if time.perf_counter() - start > time_budget_s and len(samples) >= 10:
+        samples.append(in_use_rss_bytes())
+        if len(samples) > min_steps and (
+            time.perf_counter() - start > time_budget_s or (done is not None and done(so_far()))
+        ):
             break
-    return SoakResult(what, tuple(samples), time.perf_counter() - start, per)
+    return so_far()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,20 +25,43 @@ __all__ = [
     "GenerationOptions",
     "Message",
     "PromptInput",
+    "Request",
     "RssSample",
     "SlmModel",
     "as_messages",
     "open_model",
+    "request_key",
 ]
 
 
 class RssSample(NamedTuple):
     """This process's RSS right after a generation; ``segment`` tells generations made one after the other
-    (in one test) from those with other work in between, ``tokens`` how long a sequence it processed."""
+    (in one test) from those with other work in between, ``tokens`` how long a sequence it processed (of which
+    ``new_tokens`` generated), ``rss_before`` the RSS when it started, ``request`` its key in
+    :attr:`SlmModel.requests` (so the memory family can replay the session's own kinds of request)."""
 
     segment: int
     tokens: int
     rss: int
+    rss_before: int = 0
+    new_tokens: int = 0
+    request: str = ""
+
+
+class Request(NamedTuple):
+    """One generation's request as the model received it: the whole conversation and the options."""
+
+    messages: tuple[tuple[tuple[str, str], ...], ...]  # hashable messages: ((key, value), ...) per message
+    options: GenerationOptions
+
+    @property
+    def chat(self) -> list[dict[str, str]]:
+        return [dict(message) for message in self.messages]
+
+
+def request_key(prompt: PromptInput, system: str | None, options: GenerationOptions) -> str:
+    """The key of a request in :attr:`SlmModel.requests`: the whole conversation and the options."""
+    return sys.intern(json.dumps([as_messages(prompt, system), options.__dict__], sort_keys=True))  # one copy
 
 
 class SlmModel:
@@ -47,6 +71,7 @@ class SlmModel:
         self.backend = backend
         self._answers: dict[str, Generation] = {}
         self.memory_log: list[RssSample] = []  # every generation's RSS: the memory family's evidence
+        self.requests: dict[str, Request] = {}  # every distinct request of the session, once
         self.segment = 0  # bumped by the caller between runs of generations (a test), see RssSample
 
     @property
@@ -71,9 +96,14 @@ class SlmModel:
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, min_new_tokens=min_new_tokens,
         )  # fmt: skip
+        before = rss_bytes()
         generation = self.backend.generate(prompt, options, system=system)
+        after = rss_bytes()
+        key = request_key(prompt, system, options)
+        if key not in self.requests:  # kept once: repeating a request must not grow the log's memory
+            self.requests[key] = Request(tuple(tuple(sorted(m.items())) for m in as_messages(prompt, system)), options)
         tokens = generation.prompt_tokens + generation.new_tokens
-        self.memory_log.append(RssSample(self.segment, tokens, rss_bytes()))
+        self.memory_log.append(RssSample(self.segment, tokens, after, before, generation.new_tokens, key))
         return generation
 
     def answer(self, prompt: PromptInput, *, max_new_tokens: int = 128, system: str | None = None) -> Generation:

@@ -7,8 +7,7 @@ One test per claim of the tutorial's checklist; limits come from ``slm_*`` ini k
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from statistics import median
 from typing import Any
 
@@ -319,57 +318,100 @@ def test_benchmark_generation(
 # -- 3. memory: last, so every generation of the session is evidence ------------------------
 @pytest.mark.slm_memory
 def test_no_leak_over_many_generations(
-    request: pytest.FixtureRequest, slm_model: Any, slm_limits: dict[str, float], slm_figure: Any, slm_verdict: Any
+    request: pytest.FixtureRequest,
+    slm_model: Any,
+    slm_deployment: Any,
+    slm_limits: dict[str, float],
+    slm_figure: Any,
+    slm_verdict: Any,
 ) -> None:
-    """RSS has no upward trend: a steady rise across the session's generations (every family's, after warm-up)
-    fails; a soak of generations, the process warm by then, makes up what is missing to reach
-    slm_memory_generations and decides the rest (runs last, to see every other generation)."""
-    log = slm_session(request.config).model().memory_log  # the loaded model's, under any wrapper of slm_model
-    warmup, wanted = int(slm_limits["memory_warmup"]), int(slm_limits["memory_generations"])
-    soak_from = len(log)
-    prompts = [case.messages[-1]["content"] for case in _domain_cases(request)] + list(fmt.GENERIC_PROMPTS)
+    """RSS has no upward trend, judged on the session's own requests: a steady rise across the session's
+    generations (every family's, after warm-up) is evidence, and each kind of request the session made (system
+    prompt, multi-turn, sampled, prompt and answer lengths, a test's first generation) is replayed in a soak of
+    its own and judged per generation and per token (runs last, to see every other generation)."""
+    loaded = slm_session(request.config).model()  # the log is the loaded model's, under any wrapper of slm_model
+    warmup = int(slm_limits["memory_warmup"])
+    _every_kind_of_request(request, slm_model, slm_deployment, loaded.requests)
+    session_log = list(loaded.memory_log)
+    kinds = memory.request_kinds(session_log, loaded.requests)
+    per_generation = slm_limits["memory_max_mb_per_1k"] * 1e6 / 1000
+    per_token = slm_limits["memory_max_bytes_per_token"]
+    # Each kind gets an equal share of the budget and of the generations, and at least MIN_SOAK generations.
+    steps = max(MIN_SOAK, int(slm_limits["memory_generations"]) // max(1, len(kinds)))
+    seconds = slm_limits["memory_seconds"] / max(1, len(kinds))
     backend = slm_model.backend
     # The Foundry backend's special-token audit replays answers: one generation would be several requests.
     audit = getattr(backend, "audit_special_tokens", None)
     if audit is not None:
         backend.audit_special_tokens = False
-    limit = slm_limits["memory_max_mb_per_1k"]
-    judge = (limit * 1e6 / 1000, f"{limit:g} MB per 1,000 generations")
-    start = time.perf_counter()
-
-    def whole_session() -> memory.SoakResult:
-        """The session's generations so far, the soak's included."""
-        return memory.SoakResult("generations", memory.session_series(log, warmup=warmup), time.perf_counter() - start)
-
-    def soaked() -> memory.SoakResult:
-        series = memory.session_series(log[soak_from:], warmup=max(0, warmup - soak_from))
-        return memory.SoakResult("soak", series, time.perf_counter() - start)
-
-    def decided(soak: memory.SoakResult) -> bool:
-        """The soak's trend is settled (its interval on one side of the limit), and it is not a flat soak after a
-        session that still rises steadily: more flat soak then either ends that rise or, at the budget, leaves
-        the verdict inconclusive."""
-        if not soak.settled(judge[0]):
-            return False
-        return soak.verdict(judge[0]) != "pass" or whole_session().verdict(judge[0]) != "fail"
-
+    replays = []
     try:
-        for i in range(max(warmup + wanted + 1 - soak_from, MIN_SOAK + max(0, warmup - soak_from))):
-            slm_model.generate(prompts[i % len(prompts)], max_new_tokens=16)
-            so_far = soaked()  # past the minimum, stop once decided or at the budget
-            if so_far.steps > MIN_SOAK and (
-                time.perf_counter() - start > slm_limits["memory_seconds"] or decided(so_far)
-            ):
-                break
+        for kind in kinds:
+            limit, text = memory.kind_limit(per_generation, per_token, kind.tokens)
+            replays.append(_replay(slm_model, loaded, kind, limit, text, steps=steps, seconds=seconds))
     finally:
         if audit is not None:
             backend.audit_special_tokens = audit
-    session, soak = whole_session(), soaked()
-    verdict = memory.session_and_soak(session.judged(*judge), soak.judged(*judge) if soak.steps > MIN_SOAK else None)
+    session = memory.SoakResult("session's generations", memory.session_series(session_log, warmup=warmup), 0.0)
+    verdict = memory.decide(session.judged(per_generation, f"{per_generation / 1e3:g} kB per generation"), replays)
     slm_figure("leak MB/1k generations", round(verdict.result.mb_per_1k, 3))
-    slm_figure("generations", f"{session.steps - 1} (soak {max(0, soak.steps - 1)}, session slope "
-                              f"{session.mb_per_1k:.3g} MB/1k)")  # fmt: skip
+    slm_figure("decided by", verdict.result.what)
+    replayed = sum(v.result.steps - 1 for v in replays)
+    slm_figure("generations", f"{max(0, session.steps - 1)} judged in the session (slope {session.mb_per_1k:.3g} "
+                              f"MB/1k), {replayed} replayed over {len(kinds)} kinds of request")  # fmt: skip
     slm_verdict([verdict])
+
+
+def _every_kind_of_request(
+    request: pytest.FixtureRequest, slm_model: Any, slm_deployment: Any, made: Mapping[str, Any]
+) -> None:
+    """Make sure the session made every kind of request at least once, whichever families ran: the domain cases,
+    the built-in prompts, the conversations the PromptTemplate expresses (system prompt, multi-turn), a sampled
+    answer, a long answer and a long prompt; those already ``made`` are not sent again."""
+    from pytest_slmdeploy.runtime import GenerationOptions, request_key
+
+    parts = json.loads((slm_deployment.entry_dir / "inference_model.json").read_text())["PromptTemplate"]
+    asked: list[tuple[Any, dict[str, Any]]] = [
+        (list(case.messages), {"max_new_tokens": case.max_tokens}) for case in _domain_cases(request)
+    ]
+    asked += [(prompt, {"max_new_tokens": 16}) for prompt in fmt.GENERIC_PROMPTS]
+    asked += [(messages, {"max_new_tokens": 32}) for messages in fmt.template_conversations(parts).values()]
+    asked.append((SMOKE_PROMPT, {"max_new_tokens": 32, "do_sample": True, "top_k": 20, "top_p": 0.9, "seed": 7}))
+    long_answer = 3 * memory.LONG_ANSWER
+    asked.append((SMOKE_PROMPT, {"max_new_tokens": long_answer, "min_new_tokens": long_answer}))
+    backend = slm_model.backend
+    context = getattr(backend, "context_length", None)
+    long_prompt = min(2 * memory.PROMPT_EDGES[-1], (context or 0) - 64)  # room for the answer
+    if context is not None and hasattr(backend, "encode") and long_prompt > memory.PROMPT_EDGES[-1]:
+        text = lengths.prompt_of_tokens(long_prompt, lambda t: len(backend.encode(backend.render(t))))
+        asked.append((text, {"max_new_tokens": 16}))
+    for prompt, options in asked:
+        if request_key(prompt, None, GenerationOptions(**options)) not in made:
+            slm_model.generate(prompt, **options)
+
+
+def _replay(
+    slm_model: Any, loaded: Any, kind: Any, limit: float, text: str, *, steps: int, seconds: float
+) -> memory.SoakVerdict:
+    """A soak that sends one kind's requests again in turn, the first round untimed (buffers for this kind)."""
+
+    def step(i: int) -> None:
+        sent = kind.requests[i % len(kind.requests)]
+        if kind.first_in_test:
+            loaded.segment += 1  # as a new test would
+        options = sent.options
+        slm_model.generate(sent.chat, max_new_tokens=options.max_new_tokens, do_sample=options.do_sample,
+                           temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                           seed=options.seed, min_new_tokens=options.min_new_tokens)  # fmt: skip
+
+    def within_limit(so_far: memory.SoakResult) -> bool:  # a rise goes on to the budget: it may yet level off
+        return so_far.settled(limit) and so_far.verdict(limit) == "pass"
+
+    # Warm-up: one round of the kind's requests (up to 5), whose buffers may grow once on the way.
+    warmup = min(len(kind.requests), 5)
+    result = memory.soak(step, steps=steps, warmup=warmup, time_budget_s=seconds, what=f"replay of {kind.label}",
+                         min_steps=MIN_SOAK, done=within_limit)  # fmt: skip
+    return result.judged(limit, text)
 
 
 @pytest.mark.slm_memory
