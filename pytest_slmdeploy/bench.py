@@ -14,6 +14,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
@@ -134,18 +135,34 @@ def bare_decode(native_model: Any, prompt_ids: Sequence[int], new_tokens: int) -
     return count, time.perf_counter() - start
 
 
-def memory_bandwidth_bytes_per_s(size_mb: int = 256, repeats: int = 5) -> float:
-    """Copy bandwidth (bytes read + written per second), the bound of memory-bound decoding."""
+def memory_bandwidth_bytes_per_s(threads: int = 1, size_mb: int = 256, repeats: int = 5) -> float:
+    """Read bandwidth in bytes per second with ``threads`` threads each summing its share of a buffer far larger
+    than the CPU caches: what decoding does with the weights (read them all, once per token, on the runtime's
+    threads). NumPy releases the GIL while it sums, so the threads read in parallel."""
     import numpy as np
 
-    src = np.ones(size_mb * 1_000_000 // 8, dtype=np.float64)
-    dst = np.empty_like(src)
+    threads = max(1, threads)
+    data = np.ones(size_mb * 1_000_000 // 8, dtype=np.float64)
+    parts = np.array_split(data, threads)
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs; 0 where unknown): weights that fit in it are not read from memory."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=0)
 
 
 def bytes_read_per_token(model_dir: Path) -> int:

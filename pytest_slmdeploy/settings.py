@@ -65,7 +65,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "memory_max_mb_per_1k": (8.0, "allowed RSS growth in MB per 1,000 generations (robust slope)"),
     "memory_max_bytes_per_token": (100.0, "allowed RSS growth per token of a generation (prompt and answer)"),
     "memory_load_cycles": (6, "load/unload cycles in the reload check"),
-    "memory_max_load_share": (0.1, "allowed RSS growth per load/unload cycle, as a share of the model's size"),
+    "memory_max_load_share": (0.005, "allowed RSS growth per load/unload cycle, as a share of the model's size"),
     "memory_load_slack_mb": (0.5, "absolute slack in MB per load/unload cycle for allocator noise"),
     "lengths_points": (3, "prompt lengths tried, from 16 tokens up to the context"),
     "lengths_max_tokens": (512, "longest prompt tried, in tokens (capped by the context)"),

@@ -238,7 +238,8 @@ def test_bytes_read_per_token_leaves_out_the_embedding_table(warm_cache: Path) -
 
 def test_bandwidth_efficiency() -> None:
     assert bench.bandwidth_efficiency(decode_tps=10.0, bytes_per_token=1_000_000_000, bandwidth=20e9) == 50.0
-    assert bench.memory_bandwidth_bytes_per_s(size_mb=16, repeats=2) > 1e8
+    assert bench.memory_bandwidth_bytes_per_s(threads=2, size_mb=16, repeats=2) > 1e8
+    assert bench.last_level_cache_bytes() >= 0
 
 
 def test_benchmarks_record_history_and_gate(

@@ -138,9 +138,10 @@ import pytest_slmdeploy.runtime as runtime
 kept = []
 real_open_model = runtime.open_model
 
-def leaky_open_model(*args, **kwargs):
-    model = real_open_model(*args, **kwargs)
-    kept.append(model.backend.model)  # the native model outlives close(): one loaded copy per cycle
+def leaky_open_model(backend, *args, **kwargs):
+    model = real_open_model(backend, *args, **kwargs)
+    if backend == "ort-genai":
+        kept.append(model.backend.model)  # the native model outlives close(): one loaded copy per cycle
     return model
 
 @pytest.fixture(autouse=True)
@@ -244,9 +245,10 @@ def test_runtime_leaking_per_load_fails_load_unload(
     pytester.makeconftest(LEAKING_PER_LOAD)
     result = _run(pytester, tiny_model, warm_cache, "-m", "slm_memory")
     result.stdout.fnmatch_lines(
-        ["fail: load/unload: RSS grows * MB per cycle (robust slope; limit *", "FAIL *3. No memory*"]
+        ["fail: ort-genai load/unload: RSS grows * MB per cycle (robust slope; limit *", "FAIL *3. No memory*"]
     )
-    result.assert_outcomes(passed=1, failed=1)
+    failed = {line.split()[1] for line in result.stdout.lines if line.startswith("FAILED")}
+    assert failed == {"slmdeploy::test_no_leak_over_load_unload[ort-genai]"}, result.stdout.str()[-3000:]
 
 
 def test_runtime_ignoring_sampling_fails_edge(pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path) -> None:

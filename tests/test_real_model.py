@@ -56,3 +56,41 @@ def test_auto_ships_a_faithful_small_build_of_the_real_model(
     failed = {name: row["failures"] for name, row in families.items() if row["status"] not in ("pass",)}
     assert not failed, output[-4000:]
     assert result.ret == pytest.ExitCode.OK, output[-4000:]
+
+
+# A runtime that keeps 1.5% of the model it loads on every load (a native buffer that outlives close()).
+RELOAD_LEAK = """
+import pytest
+import pytest_slmdeploy.runtime as runtime
+
+kept = []
+real_open_model = runtime.open_model
+
+def leaky_open_model(backend, model_dir, **kwargs):
+    model = real_open_model(backend, model_dir, **kwargs)
+    if backend == "ort-genai":
+        kept.append(bytearray(int(0.015 * sum(p.stat().st_size for p in model_dir.glob("*.onnx*")))))
+    return model
+
+@pytest.fixture(autouse=True)
+def leak_per_load(monkeypatch):
+    monkeypatch.setattr(runtime, "open_model", leaky_open_model)
+"""
+
+
+def test_a_reload_leak_of_one_and_a_half_percent_fails_only_load_unload(
+    pytester: pytest.Pytester, smollm2: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 21, items 9 and 11: the reload limit was 10% of the model per cycle (82 MB on a 0.5B-shaped model);
+    a leak of 1.5% per reload passed. The whole suite runs on the real model's int4-mixed build (the one auto
+    picks, from the test above's cache), and only the ONNX Runtime GenAI load/unload check fails."""
+    pytester.makeconftest(RELOAD_LEAK)
+    cache = tmp_path_factory.getbasetemp() / "real-model-cache"
+    result = pytester.runpytest_subprocess(
+        f"--slm-model={smollm2}", f"--slm-cache={cache}", "--slm-precision=int4-mixed",
+        "--rootdir", str(pytester.path), "-p", "no:cacheprovider", "-rfs",
+    )  # fmt: skip
+    output = result.stdout.str()
+    failed = {line.split()[1] for line in result.stdout.lines if line.startswith("FAILED")}
+    assert failed == {"slmdeploy::test_no_leak_over_load_unload[ort-genai]"}, output[-4000:]
+    result.stdout.fnmatch_lines(["*fail: ort-genai load/unload: RSS grows * MB per cycle (robust slope; limit *"])

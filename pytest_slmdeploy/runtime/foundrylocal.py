@@ -58,8 +58,6 @@ class FoundryLocalBackend:
     max_temperature = 2.0  # the SDK refuses more: "temperature must be in the range [0.0, 2.0]"
 
     def __init__(self, model_dir: Path, *, cache_root: Path, model_name: str) -> None:
-        from foundry_local_sdk.exception import FoundryLocalException
-
         self.entry = EntryText(model_dir)
         self.context_length = self.entry.context_length
         self.eos_token_ids = self.entry.eos_token_ids
@@ -70,6 +68,12 @@ class FoundryLocalBackend:
         self._leaked: list[int] = []  # special tokens found before: the next search tries them first
         self.registration: FoundryRegistration
         self.registration, self._model = register(model_dir, model_name, cache_root)
+        self.load()
+
+    def load(self) -> None:
+        """Load the model into Foundry Local (again, after another handle of the same model id unloaded it)."""
+        from foundry_local_sdk.exception import FoundryLocalException
+
         try:
             self._model.load()
         except FoundryLocalException as exc:
