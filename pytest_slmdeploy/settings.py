@@ -59,9 +59,9 @@ def default_model_name(model_path: Path, precision: str) -> str:
 LIMITS: dict[str, tuple[float, str]] = {
     "format_min_stop_rate": (0.9, "share of answers that must end by themselves (finish reason stop)"),
     "format_max_new_tokens": (128, "token limit per answer in the format checks"),
-    "memory_generations": (300, "most generations replayed, all kinds of request together (each kind: 10 at least)"),
+    "memory_generations": (300, "most generations replayed, all kinds of request together (each kind: 5 at least)"),
     "memory_warmup": (20, "generations at the start of the session that are not judged"),
-    "memory_seconds": (15, "time budget of the replay in seconds, shared by the kinds of request (past 10 each)"),
+    "memory_seconds": (15, "time budget of the replay in seconds, shared by the kinds of request (past 5 each)"),
     "memory_max_mb_per_1k": (8.0, "allowed RSS growth in MB per 1,000 generations (robust slope)"),
     "memory_max_bytes_per_token": (100.0, "allowed RSS growth per token of a generation (prompt and answer)"),
     "memory_load_cycles": (6, "load/unload cycles in the reload check"),

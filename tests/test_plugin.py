@@ -15,7 +15,7 @@ from pytest_slmdeploy.template import CHATML_TEMPLATE
 from pytest_slmdeploy.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-SUITE_TESTS = 14  # the built-in suite's tests that run on the tiny model; its slm_cases.yaml adds one per FAQ entry
+SUITE_TESTS = 15  # the built-in suite's tests that run on the tiny model; its slm_cases.yaml adds one per FAQ entry
 SUITE_SKIPS = 1  # the 512-token benchmark: 512 + 32 tokens do not fit the 512-token context
 
 MODULES_PROBE = """

@@ -27,7 +27,12 @@ SMOKE_PROMPT = "Hello"
 EDGE_MAX_CHARS = 100
 BENCH_PROMPT_TOKENS = (16, 128, 512)  # also the length sweep's points where they fit: measured once for both
 REFERENCE_PROMPT_TOKENS = 128  # the length whose figures go into the history and gates
-MIN_SOAK = 10  # generations of the memory soak at least: what decides a pass
+# Generations of each kind's memory replay at least: a flat RSS (sampled after malloc_trim) settles Sen's 95%
+# interval of the slope within the limit from 6 samples on; a rising one goes on to the budget.
+MIN_REPLAY = 5
+# Untimed load/unload cycles first: through Foundry Local's SDK, RSS grows over the first reloads and then levels
+# (SmolLM2 int4-mixed: 102.8 -> 133.7 MB over 10 reloads, +3 MB over the next 15); ONNX Runtime GenAI's is flat.
+RELOAD_WARMUP = {"ort-genai": 2, "foundry": 10}
 
 
 def _domain_cases(request: pytest.FixtureRequest, limit: int = 16) -> list[Any]:
@@ -344,8 +349,8 @@ def test_no_leak_over_many_generations(
     kinds = memory.request_kinds(session_log, loaded.requests)
     per_generation = slm_limits["memory_max_mb_per_1k"] * 1e6 / 1000
     per_token = slm_limits["memory_max_bytes_per_token"]
-    # Each kind gets an equal share of the budget and of the generations, and at least MIN_SOAK generations.
-    steps = max(MIN_SOAK, int(slm_limits["memory_generations"]) // max(1, len(kinds)))
+    # Each kind gets an equal share of the budget and of the generations, and at least MIN_REPLAY generations.
+    steps = max(MIN_REPLAY, int(slm_limits["memory_generations"]) // max(1, len(kinds)))
     seconds = slm_limits["memory_seconds"] / max(1, len(kinds))
     backend = slm_model.backend
     # The Foundry backend's special-token audit replays answers: one generation would be several requests.
@@ -415,10 +420,11 @@ def _replay(
     def within_limit(so_far: memory.SoakResult) -> bool:  # a rise goes on to the budget: it may yet level off
         return so_far.settled(limit) and so_far.verdict(limit) == "pass"
 
-    # Warm-up: one round of the kind's requests (up to 5), whose buffers may grow once on the way.
-    warmup = min(len(kind.requests), 5)
+    # Warm-up: the kind's first two requests again, whose buffers may grow once on the way (a long prompt's
+    # freed buffers were trimmed since the session made it).
+    warmup = min(len(kind.requests), 2)
     result = memory.soak(step, steps=steps, warmup=warmup, time_budget_s=seconds, what=f"replay of {kind.label}",
-                         min_steps=MIN_SOAK, done=within_limit)  # fmt: skip
+                         min_steps=MIN_REPLAY, done=within_limit)  # fmt: skip
     return result.judged(limit, text)
 
 
@@ -441,17 +447,20 @@ def test_no_leak_over_load_unload(
         model.generate(SMOKE_PROMPT, max_new_tokens=4)
         model.close()
 
-    try:
-        result = memory.soak(cycle, steps=int(slm_limits["memory_load_cycles"]), warmup=2, min_steps=3,
-                             time_budget_s=slm_limits["memory_seconds"], what=f"{backend} load/unload",
-                             per="cycle")  # fmt: skip
-    finally:
-        if session_copy is not None:
-            session_copy.backend.load()
     # Scaled to the model: leaking 1% of the loaded model per cycle must fail, whatever the model's size.
     model_mb = slm_deployment.manifest.model_bytes / 1e6
     share, slack = slm_limits["memory_max_load_share"], slm_limits["memory_load_slack_mb"]
     limit = share * model_mb + slack
+    cycles = int(slm_limits["memory_load_cycles"])
+    try:
+        result = memory.soak(
+            cycle, steps=2 * cycles, min_steps=cycles, warmup=RELOAD_WARMUP[backend], what=f"{backend} load/unload",
+            per="cycle", time_budget_s=slm_limits["memory_seconds"],
+            done=lambda so_far: so_far.settled(limit * 1e6) and so_far.verdict(limit * 1e6) == "pass",
+        )  # fmt: skip
+    finally:
+        if session_copy is not None:
+            session_copy.backend.load()
     slm_verdict(
         [result.judged(limit * 1e6, f"{limit:.2f} MB = {share:g} x the {model_mb:.1f} MB model + {slack:g} MB")]
     )
