@@ -6,9 +6,15 @@ ONNX Runtime GenAI model is then teacher-forced on the same tokens, as
 llama.cpp's ``llama-perplexity --kl-divergence`` does, and compared position by
 position: top-1 agreement, KL divergence, and the reference tokens' likelihood.
 
+The KL divergence is exact, over the whole vocabulary: the references keep the
+source's full log-probabilities at every answer position (float16). A summary
+of the source's distribution (its top k plus one bucket for the rest) gives
+only a lower bound, and on flat distributions a model unrelated to the source
+scored 0.004 on it against a true 0.36 (issue 21, item 4).
+
 References are computed once per (source fingerprint, prompts, answer length,
 schema) and kept in ``<cache>/references/``: a warm run reads them with numpy
-and never imports torch or transformers.
+(the log-probabilities memory-mapped) and never imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pytest_slmdeploy.errors import SlmDeployError, describe
 
@@ -31,10 +37,11 @@ if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-SCHEMA = 1
+SCHEMA = 2  # 2: full-vocabulary log-probabilities (schema 1's top-k + rest bucket only bounded the KLD)
 DEFAULT_TOP_K = 64
 TIE_MARGIN = 0.02  # top-1 agreement counts a token within this much source probability of the top one
 REFERENCES_DIR = "references"
+ROWS_SUFFIX = ".logp16"  # beside <key>.npz: (positions, vocab) float16 log-probabilities, raw, memory-mapped
 
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
@@ -71,12 +78,11 @@ def references_key(source_fingerprint: str, prompts: Sequence[Prompt], *, max_ne
 
 @dataclass(frozen=True, eq=False)
 class References:
-    """The source model's greedy answers and next-token distributions, compactly.
+    """The source model's greedy answers and next-token distributions.
 
-    At each answer position the distribution is kept as the ``top_k`` most likely tokens' log-probabilities
-    plus the remaining mass as one bucket. The KL divergence computed on that support (k + 1 outcomes) is a
-    lower bound of the KL divergence over the whole vocabulary (merging outcomes never increases it); with
-    k = 64 the bucket holds little mass for a fine-tuned model's confident answers.
+    At each answer position the whole distribution is kept as float16 log-probabilities (``logprobs``: 2 bytes
+    per vocabulary entry and position; 297 KiB a position for a 151,936-token vocabulary), so the KL divergence
+    is exact. The ``top_k`` most likely tokens are also kept apart, for the near-tie rule and the messages.
     """
 
     key: str
@@ -90,7 +96,7 @@ class References:
     eos_token_ids: tuple[int, ...]
     topk_ids: NDArray[np.int32]  # (positions, top_k): position p of prompt i is offsets[i] + p
     topk_logprobs: NDArray[np.float32]  # (positions, top_k), most likely first
-    rest_logprob: NDArray[np.float32]  # (positions,): log of the mass outside the top k (-inf when none)
+    logprobs: NDArray[np.float16]  # (positions, vocab): every token's log-probability (memory-mapped when loaded)
     token_logprob: NDArray[np.float32]  # (positions,): the reference token's log-probability
     compute_seconds: float  # what computing them took, when they were computed
     path: Path | None = None
@@ -113,9 +119,13 @@ class References:
         return tuple(bool(a) and a[-1] in self.eos_token_ids for a in self.answer_ids)
 
     def save(self, path: Path) -> Path:
-        """Write them to ``path`` (npz) atomically: a temporary file, then ``os.replace``."""
+        """Write them to ``path`` (npz) and the log-probabilities beside it (:func:`rows_path`), each atomically:
+        a temporary file, then ``os.replace``; the npz last, so that its presence means both are complete."""
         import numpy as np
 
+        rows = rows_path(path)
+        if Path(getattr(self.logprobs, "filename", None) or "") != rows:  # not already written there
+            _write_atomically(rows, lambda fh: fh.write(np.ascontiguousarray(self.logprobs, dtype=np.float16).data))
         meta = {
             "schema": SCHEMA,
             "key": self.key,
@@ -126,27 +136,22 @@ class References:
             "answer_texts": list(self.answer_texts),
             "eos_token_ids": list(self.eos_token_ids),
             "compute_seconds": self.compute_seconds,
+            "vocab": int(self.logprobs.shape[1]),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(
-                    fh,
-                    meta=np.array(json.dumps(meta)),
-                    prompt_ids=_flat([*self.prompt_ids]),
-                    prompt_lengths=np.array([len(p) for p in self.prompt_ids], dtype=np.int64),
-                    answer_ids=_flat([*self.answer_ids]),
-                    answer_lengths=np.array([len(a) for a in self.answer_ids], dtype=np.int64),
-                    topk_ids=self.topk_ids,
-                    topk_logprobs=self.topk_logprobs,
-                    rest_logprob=self.rest_logprob,
-                    token_logprob=self.token_logprob,
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(
+            path,
+            lambda fh: np.savez_compressed(
+                fh,
+                meta=np.array(json.dumps(meta)),
+                prompt_ids=_flat([*self.prompt_ids]),
+                prompt_lengths=np.array([len(p) for p in self.prompt_ids], dtype=np.int64),
+                answer_ids=_flat([*self.answer_ids]),
+                answer_lengths=np.array([len(a) for a in self.answer_ids], dtype=np.int64),
+                topk_ids=self.topk_ids,
+                topk_logprobs=self.topk_logprobs,
+                token_logprob=self.token_logprob,
+            ),
+        )
         return path
 
     @classmethod
@@ -160,7 +165,11 @@ class References:
                 raise FidelityError(f"{path}: references of schema {meta.get('schema')}, expected {SCHEMA}")
             prompt_ids = _split(data["prompt_ids"], data["prompt_lengths"])
             answer_ids = _split(data["answer_ids"], data["answer_lengths"])
-            arrays = {k: data[k].copy() for k in ("topk_ids", "topk_logprobs", "rest_logprob", "token_logprob")}
+            arrays = {k: data[k].copy() for k in ("topk_ids", "topk_logprobs", "token_logprob")}
+        shape = (int(arrays["topk_ids"].shape[0]), int(meta["vocab"]))
+        rows = rows_path(path)
+        if not rows.is_file() or rows.stat().st_size != 2 * shape[0] * shape[1]:
+            raise FidelityError(f"{rows}: missing or incomplete, expected {shape[0]} x {shape[1]} log-probabilities")
         return cls(
             key=meta["key"],
             source_fingerprint=meta["source_fingerprint"],
@@ -174,8 +183,36 @@ class References:
             compute_seconds=float(meta["compute_seconds"]),
             path=path,
             loaded=True,
+            logprobs=np.memmap(rows, dtype=np.float16, mode="r", shape=shape),
             **arrays,
         )
+
+
+def _complete(path: Path) -> References | None:
+    """The references at ``path``, or None when they are not there or their log-probabilities are not whole."""
+    if not path.is_file():
+        return None
+    try:
+        return References.load(path)
+    except FidelityError:  # the log-probabilities removed (to free disk) or cut short: compute them again
+        return None
+
+
+def rows_path(path: Path) -> Path:
+    """Where the log-probabilities of the references at ``path`` (``<key>.npz``) are kept."""
+    return path.with_suffix(ROWS_SUFFIX)
+
+
+def _write_atomically(path: Path, write: Callable[[Any], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _flat(rows: list[tuple[int, ...]]) -> NDArray[np.int64]:
@@ -228,6 +265,8 @@ def compute_references(
     is there, so there is never a second one. The answer is greedy on the raw logits (no repetition penalty
     or other search settings) until an end token of ``generation_config`` or ``max_new_tokens``.
     """
+    import numpy as np
+
     from pytest_slmdeploy.source import fingerprint
 
     if max_new_tokens < 1:
@@ -238,18 +277,36 @@ def compute_references(
     cache = Path(cache_dir) if cache_dir is not None else None
     fp = fingerprint(source, stat_cache_dir=cache)
     key = references_key(fp, prompts, max_new_tokens=max_new_tokens, top_k=top_k)
+    args = (source, prompts, fp, key, max_new_tokens, top_k, trust_remote_code, progress)
     if cache is None:
-        return _compute(source, prompts, fp, key, max_new_tokens, top_k, trust_remote_code, progress)
+        with tempfile.TemporaryFile() as sink:
+            fields, vocab = _compute(*args, sink)
+            sink.seek(0)
+            logprobs = np.fromfile(sink, dtype=np.float16).reshape(-1, vocab)
+        return References(**fields, logprobs=logprobs)
     path = references_path(cache, key)
-    if path.is_file():
-        return References.load(path)
+    if (found := _complete(path)) is not None:
+        return found
     from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = rows_path(path)
     with FileLock(str(path) + ".lock"):
-        if path.is_file():  # another process computed them while we waited
-            return References.load(path)
-        refs = _compute(source, prompts, fp, key, max_new_tokens, top_k, trust_remote_code, progress)
+        if (found := _complete(path)) is not None:  # another process computed them while we waited
+            return found
+        # The log-probabilities go to disk row by row as they are computed: at 297 KiB a position for a
+        # 151,936-token vocabulary they need not all sit in memory.
+        fd, tmp = tempfile.mkstemp(prefix=f".{rows.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                fields, vocab = _compute(*args, sink)
+            os.replace(tmp, rows)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        positions = int(fields["topk_ids"].shape[0])
+        logprobs = np.memmap(rows, dtype=np.float16, mode="r", shape=(positions, vocab))
+        refs = References(**fields, logprobs=logprobs)
         refs.save(path)
     return dataclasses.replace(refs, path=path)
 
@@ -263,7 +320,9 @@ def _compute(
     top_k: int,
     trust_remote_code: bool,
     progress: Progress,
-) -> References:
+    sink: BinaryIO,
+) -> tuple[dict[str, Any], int]:
+    """The references' fields but the log-probabilities, which go to ``sink`` (float16 rows), and the vocabulary."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -293,7 +352,7 @@ def _compute(
     all_messages, prompt_rows, answer_rows, texts = [], [], [], []
     top_ids: list[Any] = []
     top_lps: list[Any] = []
-    rests: list[Any] = []
+    vocab = 0
     tokens_lp: list[float] = []
     with torch.inference_mode():
         for prompt in prompts:
@@ -314,11 +373,10 @@ def _compute(
                 logp = torch.log_softmax(raw[0].double(), dim=-1)
                 k = min(top_k, logp.numel())
                 values, indices = torch.topk(logp, k)
-                rest = logp.clone()
-                rest[indices] = -math.inf
                 top_ids.append(indices.numpy().astype(np.int32))
                 top_lps.append(values.numpy().astype(np.float32))
-                rests.append(float(torch.logsumexp(rest, dim=0)) if k < logp.numel() else -math.inf)
+                sink.write(logp.numpy().astype(np.float16).tobytes())
+                vocab = logp.numel()
                 tokens_lp.append(float(logp[token]))
             all_messages.append(tuple(messages))
             prompt_rows.append(tuple(ids))
@@ -327,22 +385,22 @@ def _compute(
             texts.append(str(tokenizer.decode(body, skip_special_tokens=True)))
     seconds = time.perf_counter() - start
     progress(f"fidelity references computed in {seconds:.1f}s")
-    return References(
-        key=key,
-        source_fingerprint=fp,
-        max_new_tokens=max_new_tokens,
-        top_k=top_k,
-        messages=tuple(all_messages),
-        prompt_ids=tuple(prompt_rows),
-        answer_ids=tuple(answer_rows),
-        answer_texts=tuple(texts),
-        eos_token_ids=tuple(sorted(eos)),
-        topk_ids=np.stack(top_ids),
-        topk_logprobs=np.stack(top_lps),
-        rest_logprob=np.array(rests, dtype=np.float32),
-        token_logprob=np.array(tokens_lp, dtype=np.float32),
-        compute_seconds=seconds,
-    )
+    fields = {
+        "key": key,
+        "source_fingerprint": fp,
+        "max_new_tokens": max_new_tokens,
+        "top_k": top_k,
+        "messages": tuple(all_messages),
+        "prompt_ids": tuple(prompt_rows),
+        "answer_ids": tuple(answer_rows),
+        "answer_texts": tuple(texts),
+        "eos_token_ids": tuple(sorted(eos)),
+        "topk_ids": np.stack(top_ids),
+        "topk_logprobs": np.stack(top_lps),
+        "token_logprob": np.array(tokens_lp, dtype=np.float32),
+        "compute_seconds": seconds,
+    }
+    return fields, vocab
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -436,7 +494,7 @@ class FidelityResult:
 
     prompts: tuple[PromptFidelity, ...]
     top1_agreement: float  # share of all answer positions (near ties count: see TIE_MARGIN)
-    mean_kld: float  # over all answer positions, on the references' top-k support (a lower bound)
+    mean_kld: float  # over all answer positions, each KL(source || deployed) over the whole vocabulary
     max_kld: float
     perplexity_ratio: float  # exp(mean NLL deployed - mean NLL source) of the reference tokens
     score_seconds: float
@@ -543,7 +601,7 @@ def score(
     """Teacher-force the installed model on the reference tokens and compare it with the source, position by position.
 
     For each prompt: append the prompt ids, read the logits, then append the reference answer one token at a
-    time, reading the logits after each. KLD(source || deployed) is taken on the references' top-k support.
+    time, reading the logits after each. KLD(source || deployed) is taken over the whole vocabulary.
     One token at a time, because that is how the deployed model answers: in one multi-token pass the answer's
     positions would run the prefill kernels instead (int8 activations quantized per tensor over the whole
     sequence), which moved the 0.5B-shaped model's figures by up to 1e-3 relative. ``model``: the
@@ -557,12 +615,7 @@ def score(
     if model is None:
         model = _load_model(folder, threads)
     tokenizer = og.Tokenizer(model)
-    offsets = references.offsets
     rows: list[PromptFidelity] = []
-    all_kld: list[NDArray[np.float64]] = []
-    agreed_total = exact_total = 0
-    nll_source = 0.0
-    nll_deployed = 0.0
     progress(f"scoring fidelity on {len(references.answer_ids)} prompts")
     for i, (prompt_ids, answer) in enumerate(zip(references.prompt_ids, references.answer_ids, strict=True)):
         generator = _generator(og, model, len(prompt_ids) + len(answer))
@@ -578,58 +631,61 @@ def score(
             ) from None
         finally:
             del generator
-        span = slice(offsets[i], offsets[i + 1])
         stacked = np.stack(logits)
-        if stacked.shape[1] <= int(references.topk_ids[span].max()):
+        if stacked.shape[1] < references.logprobs.shape[1]:
             raise FidelityError(
-                f"{folder}: vocabulary of {stacked.shape[1]} tokens, but the source's answer uses token ids up to "
-                f"{int(references.topk_ids[span].max())}: the deployed model is not built from this source"
+                f"{folder}: vocabulary of {stacked.shape[1]} tokens, but the source's has "
+                f"{references.logprobs.shape[1]}: the deployed model is not built from this source"
             )
-        top = stacked.max(axis=1, keepdims=True)
-        shifted = np.exp(stacked - top)  # one exp pass over the vocabulary serves both normalisers
-        logq = stacked - (top + np.log(shifted.sum(axis=1, keepdims=True)))
-        kld = _kld(references, span, logq, shifted)
-        tokens = np.array(answer, dtype=np.int64)
-        deployed_top = logq.argmax(axis=1)
-        exact = deployed_top == tokens
-        agree = exact | _near_tie(references, span, deployed_top)
-        disagree = np.flatnonzero(~exact)
-        source_nll = -float(references.token_logprob[span].astype(np.float64).sum())
-        deployed_nll = -float(logq[np.arange(len(tokens)), tokens].sum())
-        rows.append(
-            PromptFidelity(
-                index=i,
-                prompt=references.prompts[i],
-                reference_answer=references.answer_texts[i],
-                positions=len(tokens),
-                agreed=int(agree.sum()),
-                first_divergence=int(disagree[0]) if disagree.size else None,
-                mean_kld=float(kld.mean()),
-                max_kld=float(kld.max()),
-                reference_nll=source_nll,
-                deployed_nll=deployed_nll,
-                runtime_prompt_match=_runtime_prompt_match(tokenizer, references.messages[i], prompt_ids),
-                exact=int(exact.sum()),
-            )
-        )
-        all_kld.append(kld)
-        agreed_total += int(agree.sum())
-        exact_total += int(exact.sum())
-        nll_source += source_nll
-        nll_deployed += deployed_nll
-    klds = np.concatenate(all_kld)
-    positions = int(klds.size)
+        match = _runtime_prompt_match(tokenizer, references.messages[i], prompt_ids)
+        rows.append(compare(references, i, stacked, runtime_prompt_match=match))
     seconds = time.perf_counter() - start
     progress(f"fidelity scored in {seconds:.1f}s")
+    return combine(rows, score_seconds=seconds, references_key=references.key)
+
+
+def compare(
+    references: References, i: int, logits: NDArray[np.float64], *, runtime_prompt_match: bool | None = None
+) -> PromptFidelity:
+    """Prompt ``i``'s figures from the deployed model's logits at each of its answer positions (positions x vocab)."""
+    import numpy as np
+
+    span = slice(references.offsets[i], references.offsets[i + 1])
+    logq = _log_softmax(np.asarray(logits, dtype=np.float64))
+    kld = _kld(references, span, logq)
+    tokens = np.array(references.answer_ids[i], dtype=np.int64)
+    deployed_top = logq.argmax(axis=1)
+    exact = deployed_top == tokens
+    agree = exact | _near_tie(references, span, deployed_top)
+    disagree = np.flatnonzero(~exact)
+    return PromptFidelity(
+        index=i,
+        prompt=references.prompts[i],
+        reference_answer=references.answer_texts[i],
+        positions=len(tokens),
+        agreed=int(agree.sum()),
+        first_divergence=int(disagree[0]) if disagree.size else None,
+        mean_kld=float(kld.mean()),
+        max_kld=float(kld.max()),
+        reference_nll=-float(references.token_logprob[span].astype(np.float64).sum()),
+        deployed_nll=-float(logq[np.arange(len(tokens)), tokens].sum()),
+        runtime_prompt_match=runtime_prompt_match,
+        exact=int(exact.sum()),
+    )
+
+
+def combine(rows: Sequence[PromptFidelity], *, score_seconds: float = 0.0, references_key: str = "") -> FidelityResult:
+    """All prompts' figures together, each position weighing the same."""
+    positions = sum(r.positions for r in rows)
     return FidelityResult(
         prompts=tuple(rows),
-        top1_agreement=agreed_total / positions,
-        mean_kld=float(klds.mean()),
-        max_kld=float(klds.max()),
-        perplexity_ratio=math.exp((nll_deployed - nll_source) / positions),
-        score_seconds=seconds,
-        references_key=references.key,
-        top1_exact=exact_total / positions,
+        top1_agreement=sum(r.agreed for r in rows) / positions,
+        mean_kld=sum(r.mean_kld * r.positions for r in rows) / positions,
+        max_kld=max(r.max_kld for r in rows),
+        perplexity_ratio=math.exp(sum(r.deployed_nll - r.reference_nll for r in rows) / positions),
+        score_seconds=score_seconds,
+        references_key=references_key,
+        top1_exact=sum(r.exact for r in rows) / positions,
     )
 
 
@@ -649,34 +705,27 @@ def _near_tie(references: References, span: slice, deployed_top: NDArray[Any]) -
     return near
 
 
-def _kld(
-    references: References,
-    span: slice,
-    logq: NDArray[np.float64],
-    shifted: NDArray[np.float64] | None = None,
-) -> NDArray[np.float64]:
-    """KL(source || deployed) per position over the top-k tokens plus one bucket for the rest. ``shifted``:
-    exp(logits - their max) per position when the caller has it (any per-row shift will do), so the rest's
-    mass is summed directly (not 1 - the top-k's: that would cancel where the top k hold nearly all of it)."""
+def _log_softmax(logits: NDArray[np.float64]) -> NDArray[np.float64]:
     import numpy as np
 
-    if shifted is None:
-        shifted = np.exp(logq - logq.max(axis=1, keepdims=True))
+    top = logits.max(axis=1, keepdims=True)
+    out: NDArray[np.float64] = logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
+    return out
 
-    ids = references.topk_ids[span].astype(np.int64)
-    logp_top = references.topk_logprobs[span].astype(np.float64)
-    logp_rest = references.rest_logprob[span].astype(np.float64)
-    rows = np.arange(ids.shape[0])[:, None]
-    logq_top = logq[rows, ids]
-    rest = shifted.copy()
-    rest[rows, ids] = 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logq_rest = np.log(rest.sum(axis=1)) - np.log(shifted.sum(axis=1))
-        top_terms = (np.exp(logp_top) * (logp_top - logq_top)).sum(axis=1)
-        outside = np.isfinite(logp_rest) & np.isfinite(logq_rest)  # no tokens outside the top k: no bucket
-        rest_terms = np.where(outside, np.exp(logp_rest) * (logp_rest - logq_rest), 0.0)
-    # The stored log-probabilities are float32: clamp the rounding's tiny negatives.
-    kld: NDArray[np.float64] = np.maximum(top_terms + rest_terms, 0.0)
+
+def _kld(references: References, span: slice, logq: NDArray[np.float64]) -> NDArray[np.float64]:
+    """KL(source || deployed) per position, over the whole vocabulary. ``logq``: the deployed log-probabilities;
+    a deployed vocabulary wider than the source's (padding) counts in their normaliser, and its extra tokens,
+    which the source never gives mass, add nothing to the sum."""
+    import numpy as np
+
+    # The stored float16 log-probabilities, renormalised so that the rounded distribution sums to one.
+    logp = _log_softmax(np.asarray(references.logprobs[span], dtype=np.float64))
+    p = np.exp(logp)
+    with np.errstate(invalid="ignore"):  # p = 0 where logp = -inf: no term
+        terms = np.where(p > 0, p * (logp - logq[:, : logp.shape[1]]), 0.0)
+    # Rounding leaves tiny negatives where the two agree: clamp them.
+    kld: NDArray[np.float64] = np.maximum(terms.sum(axis=1), 0.0)
     return kld
 
 

@@ -67,11 +67,14 @@ def test_references(healthy_refs: References) -> None:
     assert healthy_refs.answer_texts == tuple(answer for _, answer in FAQ)  # the model was trained on them
     positions = sum(len(a) for a in healthy_refs.answer_ids)
     assert healthy_refs.topk_ids.shape == (positions, fidelity.DEFAULT_TOP_K)
-    # The greedy token is the most likely one, and the top-k plus the rest bucket hold all the mass.
+    # The greedy token is the most likely one; the full distributions hold all the mass, and the top k are theirs.
     first = [healthy_refs.topk_ids[healthy_refs.offsets[i]][0] for i in range(len(PROMPTS))]
     assert first == [a[0] for a in healthy_refs.answer_ids]
-    mass = np.exp(healthy_refs.topk_logprobs.astype(np.float64)).sum(axis=1) + np.exp(healthy_refs.rest_logprob)
-    assert np.allclose(mass, 1.0, atol=1e-5)
+    full = np.asarray(healthy_refs.logprobs, dtype=np.float64)
+    assert full.shape == (positions, 512)  # the tiny model's whole vocabulary
+    assert np.allclose(np.exp(full).sum(axis=1), 1.0, atol=1e-3)  # float16 rounding
+    top = np.take_along_axis(full, healthy_refs.topk_ids.astype(np.int64), axis=1)
+    assert np.allclose(top, healthy_refs.topk_logprobs, atol=1e-2)
     # The chat template writes no BOS for ChatML, and none was added: the prompt starts at <|im_start|>.
     assert all(ids[0] == healthy_refs.prompt_ids[0][0] for ids in healthy_refs.prompt_ids)
 
@@ -134,12 +137,29 @@ def test_references_are_reused(
     assert again.path.stat().st_mtime_ns == stamp
     assert again.answer_ids == healthy_refs.answer_ids
     assert np.array_equal(again.topk_logprobs, healthy_refs.topk_logprobs)
+    assert np.array_equal(again.logprobs, healthy_refs.logprobs)
+    assert isinstance(again.logprobs, np.memmap)  # not read into memory
     assert again.compute_seconds == pytest.approx(healthy_refs.compute_seconds)
     assert not list(healthy_refs.path.parent.glob("*.tmp"))  # written atomically, nothing left behind
+    rows = fidelity.rows_path(again.path)
+    whole = rows.read_bytes()
+    assert len(whole) == 2 * again.logprobs.size  # float16, nothing else
+    _replace(rows, whole[: len(whole) // 2])  # a new file, as the cache writes them: the mapped one stays whole
+    with pytest.raises(AssertionError, match="computed again"):  # log-probabilities cut short: computed again
+        fidelity.compute_references(
+            tiny_model, PROMPTS, max_new_tokens=MAX_NEW_TOKENS, cache_dir=fidelity_root / "cache"
+        )
+    _replace(rows, whole)
     with pytest.raises(AssertionError, match="computed again"):  # another answer length is another key
         fidelity.compute_references(
             tiny_model, PROMPTS, max_new_tokens=MAX_NEW_TOKENS - 1, cache_dir=fidelity_root / "cache"
         )
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 WARM = """
@@ -166,14 +186,10 @@ def test_a_warm_run_does_not_import_torch(
     assert done.stdout.split("\n")[-2] == f"True {len(PROMPTS)} []"
 
 
-def _synthetic(logp: np.ndarray, top_k: int) -> References:
-    """References holding the distributions ``logp`` (positions x vocab), with token 0 as every answer token."""
+def _synthetic(logp: np.ndarray, top_k: int = 64) -> References:
+    """References holding the distributions ``logp`` (positions x vocab), with the top token as every answer token."""
     order = np.argsort(-logp, axis=1)[:, :top_k]
     top = np.take_along_axis(logp, order, axis=1)
-    with np.errstate(divide="ignore"):
-        rest = (
-            np.log1p(-np.minimum(np.exp(top).sum(axis=1), 1.0)) if top_k < logp.shape[1] else np.full(len(top), -np.inf)
-        )
     return References(
         key="k",
         source_fingerprint="f",
@@ -186,26 +202,79 @@ def _synthetic(logp: np.ndarray, top_k: int) -> References:
         eos_token_ids=(2,),
         topk_ids=order.astype(np.int32),
         topk_logprobs=top.astype(np.float32),
-        rest_logprob=rest.astype(np.float32),
+        logprobs=logp.astype(np.float16),
         token_logprob=top[:, 0].astype(np.float32),
         compute_seconds=0.0,
     )
 
 
-def test_kld_on_the_top_k_support_is_a_lower_bound() -> None:
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=1, keepdims=True)
+    return x - (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))
+
+
+def _full_kld(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    return (np.exp(logp) * (logp - logq)).sum(axis=1)
+
+
+def _top64_bound(logp: np.ndarray, logq: np.ndarray, k: int = 64) -> np.ndarray:
+    """The former figure: KL on the source's top k plus one bucket for the rest (a lower bound of the full KLD)."""
+    order = np.argsort(-logp, axis=1)[:, :k]
+    lp, lq = np.take_along_axis(logp, order, axis=1), np.take_along_axis(logq, order, axis=1)
+    rp = np.log1p(-np.exp(lp).sum(axis=1))
+    rq = np.log1p(-np.exp(lq).sum(axis=1))
+    return (np.exp(lp) * (lp - lq)).sum(axis=1) + np.exp(rp) * (rp - rq)
+
+
+def test_kld_is_over_the_whole_vocabulary() -> None:
     rng = np.random.default_rng(0)
-    p = rng.normal(size=(20, 300)) * 3
-    q = p + rng.normal(size=p.shape)
-    logp = p - np.log(np.exp(p).sum(axis=1, keepdims=True))
-    logq = q - np.log(np.exp(q).sum(axis=1, keepdims=True))
-    full = (np.exp(logp) * (logp - logq)).sum(axis=1)
+    logp = _log_softmax(rng.normal(size=(20, 300)) * 3)
+    logq = _log_softmax(logp + rng.normal(size=logp.shape))
     refs = _synthetic(logp, top_k=16)
-    bound = fidelity._kld(refs, slice(0, 20), logq)
-    assert np.all(bound <= full + 1e-6)
-    assert np.all(bound > 0)
-    assert np.allclose(fidelity._kld(refs, slice(0, 20), logp), 0.0, atol=1e-6)
-    whole = fidelity._kld(_synthetic(logp, top_k=300), slice(0, 20), logq)  # all tokens kept: the full KLD
-    assert np.allclose(whole, full, rtol=1e-4)
+    full = _full_kld(logp, logq)
+    assert np.allclose(fidelity._kld(refs, slice(0, 20), logq), full, rtol=2e-3, atol=1e-5)  # float16 storage
+    assert np.allclose(fidelity._kld(refs, slice(0, 20), logp), 0.0, atol=1e-5)
+    # A deployed vocabulary padded past the source's: the padding's mass counts, its tokens add no term.
+    padded = _log_softmax(np.concatenate([logq, np.full((20, 4), -2.0)], axis=1))
+    expected = _full_kld(logp, padded[:, :300])
+    assert np.allclose(fidelity._kld(refs, slice(0, 20), padded), expected, rtol=2e-3, atol=1e-5)
+
+
+ISSUE_VOCAB = 151_936  # Qwen2's, where issue 21 replayed it
+
+
+def test_an_unrelated_model_fails_the_kld_limit() -> None:
+    """Issue 21, item 4: deployed logits independent of the source, on flat-ish source distributions over a
+    151,936-token vocabulary. On the top 64 plus a rest bucket the mean KLD was 0.004 (passing the 0.1 limit)
+    against a true 0.36; over the whole vocabulary the figure is the true one, and the limit fails."""
+    rng = np.random.default_rng(0)
+    positions = 16
+    logp = _log_softmax(rng.normal(0, 0.6, (positions, ISSUE_VOCAB)))
+    logits = rng.normal(0, 0.6, (positions, ISSUE_VOCAB))  # the unrelated model
+    refs = _synthetic(logp)
+    assert _top64_bound(logp, _log_softmax(logits)).mean() < 0.01  # the former figure, as the issue measured
+    result = fidelity.combine([fidelity.compare(refs, 0, logits)])
+    assert result.mean_kld == pytest.approx(0.36, rel=0.1)
+    assert any(v.startswith("mean KLD") for v in FidelityLimits().violations(result)), result.summary()
+    assert result.top1_agreement < 0.05, result.summary()  # and no free top-1 agreement from the near-tie rule
+
+
+def test_a_slightly_damaged_model_fails_the_kld_limit() -> None:
+    """A deployed model whose true KLD is just over the 0.1 limit (0.12) while the former top-64 figure was under
+    it: noise on every logit of a source that is confident at some positions and unsure at others."""
+    rng = np.random.default_rng(1)
+    positions = 16
+    logits = rng.normal(0, 1.0, (positions, ISSUE_VOCAB))
+    logits[np.arange(positions), rng.integers(0, ISSUE_VOCAB, positions)] += np.linspace(8, 14, positions)
+    logp = _log_softmax(logits)
+    damaged = logits + rng.normal(0, 0.57, logits.shape)
+    refs = _synthetic(logp)
+    full = _full_kld(logp, _log_softmax(damaged)).mean()
+    assert 0.11 < full < 0.13, full
+    assert _top64_bound(logp, _log_softmax(damaged)).mean() < 0.1  # the former figure passed it
+    result = fidelity.combine([fidelity.compare(refs, 0, damaged)])
+    assert result.mean_kld == pytest.approx(full, rel=0.02)
+    assert any(v.startswith("mean KLD") for v in FidelityLimits().violations(result)), result.summary()
 
 
 def _result(top1: float = 1.0, mean_kld: float = 0.0, max_kld: float = 0.0, ppl: float = 1.0) -> FidelityResult:
@@ -236,16 +305,18 @@ def test_near_ties_count_as_agreement() -> None:
     assert fidelity._near_tie(refs, slice(0, 2), top).all()
 
 
-def test_an_unrelated_model_gets_no_agreement_from_a_flat_source() -> None:
+@pytest.mark.parametrize(("vocab", "sigma"), [(151_936, 1.0), (151_936, 0.6), (32_000, 0.6)])
+def test_an_unrelated_model_gets_no_agreement_from_a_flat_source(vocab: int, sigma: float) -> None:
     """Issue 21, item 4: on a large vocabulary where the source puts at most 2% on any token, a token outside the
     stored top-k was given the k-th probability, so any deployed token counted as a near tie: logits independent
-    of the source agreed at every position (measured before the fix: 100%, 0% exact)."""
+    of the source agreed at every position (measured before the fix: 100%, 0% exact). Now a tie is only a token of
+    the source's own top 64: an unrelated model lands there at most 64 / vocabulary of the time."""
     rng = np.random.default_rng(0)
-    vocab, positions = 151_936, 40
-    logp = rng.normal(0, 1.0, (positions, vocab))
+    positions = 40
+    logp = rng.normal(0, sigma, (positions, vocab))
     logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
     assert np.exp(logp).max() <= 0.02  # flat: every position is within the tie margin of its top
     refs = _synthetic(logp, top_k=64)
-    unrelated = rng.normal(0, 1.0, (positions, vocab)).argmax(axis=1)
+    unrelated = rng.normal(0, sigma, (positions, vocab)).argmax(axis=1)
     near = fidelity._near_tie(refs, slice(0, positions), unrelated)
     assert near.mean() < 0.05, near.mean()
