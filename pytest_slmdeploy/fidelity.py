@@ -439,6 +439,14 @@ class PromptFidelity:
     deployed_nll: float
     runtime_prompt_match: bool | None = None  # the deployed tokenizer renders the same prompt ids (None: unknown)
     exact: int = 0  # positions whose deployed top-1 token is exactly the reference token
+    runtime_text: str | None = None  # the deployed tokenizer's text for the reference answer's ids (None: unknown)
+
+    @property
+    def text_match(self) -> bool | None:
+        """The deployed pipeline writes the reference answer's tokens as the source's tokenizer does (None:
+        unknown). Same tokens can give other text: a leading lone "▁" is two spaces in ONNX Runtime GenAI's
+        decoder and one in transformers' for a Mistral-family tokenizer."""
+        return None if self.runtime_text is None else self.runtime_text == self.reference_answer
 
     @property
     def identical(self) -> bool:
@@ -480,6 +488,11 @@ class FidelityLimits:
             found.append(f"top-1 agreement {result.top1_agreement:.1%} < {self.min_top1_agreement:.1%}")
         if result.mean_kld > self.max_mean_kld:
             found.append(f"mean KLD {result.mean_kld:.3g} > {self.max_mean_kld:g}")
+        if mismatched := [p for p in result.prompts if p.text_match is False]:
+            found.append(
+                f"deployed text differs from the source's for the same tokens in {len(mismatched)}/{result.total} "
+                f"answers (e.g. {mismatched[0].runtime_text!r} vs {mismatched[0].reference_answer!r})"
+            )
         if result.identical_share < self.min_identical_share:
             found.append(
                 f"answers identical {result.answers_identical}/{result.total} "
@@ -534,6 +547,11 @@ class FidelityResult:
         """How many prompts the deployed tokenizer and chat template turn into the source's very ids (the
         figures use the source's ids, so where they differ the deployed pipeline is not what was scored)."""
         known = [p.runtime_prompt_match for p in self.prompts if p.runtime_prompt_match is not None]
+        return f"{sum(known)}/{len(known)}" if known else "unknown"
+
+    def text_match(self) -> str:
+        """How many answers the deployed tokenizer writes as the source's does, from the same token ids."""
+        known = [p.text_match for p in self.prompts if p.text_match is not None]
         return f"{sum(known)}/{len(known)}" if known else "unknown"
 
     def passes(self, limits: FidelityLimits) -> bool:
@@ -638,14 +656,20 @@ def score(
                 f"{references.logprobs.shape[1]}: the deployed model is not built from this source"
             )
         match = _runtime_prompt_match(tokenizer, references.messages[i], prompt_ids)
-        rows.append(compare(references, i, stacked, runtime_prompt_match=match))
+        text = _runtime_text(tokenizer, references, i)
+        rows.append(compare(references, i, stacked, runtime_prompt_match=match, runtime_text=text))
     seconds = time.perf_counter() - start
     progress(f"fidelity scored in {seconds:.1f}s")
     return combine(rows, score_seconds=seconds, references_key=references.key)
 
 
 def compare(
-    references: References, i: int, logits: NDArray[np.float64], *, runtime_prompt_match: bool | None = None
+    references: References,
+    i: int,
+    logits: NDArray[np.float64],
+    *,
+    runtime_prompt_match: bool | None = None,
+    runtime_text: str | None = None,
 ) -> PromptFidelity:
     """Prompt ``i``'s figures from the deployed model's logits at each of its answer positions (positions x vocab)."""
     import numpy as np
@@ -671,6 +695,7 @@ def compare(
         deployed_nll=-float(logq[np.arange(len(tokens)), tokens].sum()),
         runtime_prompt_match=runtime_prompt_match,
         exact=int(exact.sum()),
+        runtime_text=runtime_text,
     )
 
 
@@ -737,6 +762,17 @@ def _runtime_prompt_match(tokenizer: Any, messages: Sequence[Message], prompt_id
     except Exception:  # a template ORT GenAI cannot render: unknown, not a mismatch
         return None
     return ids == list(prompt_ids)
+
+
+def _runtime_text(tokenizer: Any, references: References, i: int) -> str | None:
+    """The deployed pipeline's text for the source's answer ids (without the end token), decoded as the runtime
+    decodes its own answers (``OrtGenaiBackend.decode``, :func:`deployed_answers`)."""
+    answer = references.answer_ids[i]
+    body = list(answer[:-1] if answer and answer[-1] in references.eos_token_ids else answer)
+    try:
+        return str(tokenizer.decode(body)) if body else ""
+    except Exception:  # the native library raises plain RuntimeError: unknown, not a mismatch
+        return None
 
 
 def deployed_answers(

@@ -6,6 +6,7 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,6 +56,13 @@ def healthy_refs(tiny_model: Path, fidelity_root: Path) -> References:
     )
 
 
+@pytest.fixture(scope="session")
+def spaced_mistral(family_models: Any) -> Path:
+    """A Mistral v0.3-family model whose first two FAQ answers begin with a lone "▁" token (then "▁We", ...)."""
+    pairs = tuple(("  " + answer if i < 2 else answer) for i, (_, answer) in enumerate(FAQ))
+    return Path(family_models("mistral", pairs=tuple(zip(PROMPTS, pairs, strict=True))))
+
+
 def test_outliers_leave_fp32_unchanged(outlier: OutlierReport) -> None:
     assert outlier.channels == (3, 19, 35, 51)
     assert len(outlier.projections) == 10  # q, k, v, gate, up in each of the 2 layers (the LM head left alone)
@@ -86,10 +94,32 @@ def test_healthy_int4_is_faithful(healthy_int4: Path, healthy_refs: References) 
     assert result.answers_identical == result.total == len(PROMPTS), result.summary()
     assert result.mean_kld < limits.max_mean_kld / 100, result.summary()
     assert all(p.runtime_prompt_match for p in result.prompts)
+    assert result.text_match() == f"{len(PROMPTS)}/{len(PROMPTS)}"  # the same text from the same tokens
     assert result.prompt_match() == f"{len(PROMPTS)}/{len(PROMPTS)}"
     first = dataclasses.replace(result.prompts[0], runtime_prompt_match=False)
     mismatched = dataclasses.replace(result, prompts=(first, *result.prompts[1:]))
     assert mismatched.prompt_match() == f"{len(PROMPTS) - 1}/{len(PROMPTS)}"
+
+
+def test_same_tokens_written_as_other_text_fail(spaced_mistral: Path, fidelity_root: Path) -> None:
+    """Issue 21, item 6: an answer that begins with a lone "▁" is one leading space in transformers and two in
+    ONNX Runtime GenAI. The model is faithful token for token (before, fidelity passed it: 4/4 identical), but its
+    users read other text than the source's: fidelity fails, naming the answer."""
+    cache = fidelity_root / "cache"
+    entry = _build(spaced_mistral, cache, "mistral-spaced")
+    refs = fidelity.compute_references(spaced_mistral, PROMPTS[:4], max_new_tokens=MAX_NEW_TOKENS, cache_dir=cache)
+    assert refs.answer_texts[0] == " " + FAQ[0][1]  # transformers: one space
+    result = fidelity.score(entry, refs)
+    assert result.answers_identical == result.total == 4, result.summary()
+    assert result.prompts[0].runtime_text == "  " + FAQ[0][1]  # ONNX Runtime GenAI: two
+    assert [p.text_match for p in result.prompts] == [False, False, True, True]
+    assert result.text_match() == "2/4"
+    broken = FidelityLimits().violations(result)
+    assert broken == (
+        f"deployed text differs from the source's for the same tokens in 2/4 answers "
+        f"(e.g. {'  ' + FAQ[0][1]!r} vs {' ' + FAQ[0][1]!r})",
+    )
+    assert not result.passes(FidelityLimits())
 
 
 def test_outlier_int4_drifts(outlier_int4: Path, outlier_refs: References) -> None:

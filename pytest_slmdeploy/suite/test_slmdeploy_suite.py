@@ -267,6 +267,7 @@ def test_faithful_to_the_source(
     slm_figure("max KLD", float(f"{result.max_kld:.3g}"))
     slm_figure("perplexity ratio", round(result.perplexity_ratio, 4))
     slm_figure("deployed prompt ids as source", result.prompt_match())  # shown on a pass too (issue 21, item 6)
+    slm_figure("deployed answer text as source", result.text_match())  # same tokens, same text (issue 21, item 6)
     request.node.user_properties.append((f"{bench.BENCH_PREFIX}top1_agreement", round(result.top1_agreement * 100, 2)))
     request.node.user_properties.append((f"{bench.BENCH_PREFIX}mean_kld", float(f"{result.mean_kld:.4g}")))
     if result.passes(limits):
