@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pytest_slmdeploy.errors import SlmDeployError, describe
+from pytest_slmdeploy.stats import Verdict
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,9 +40,82 @@ if TYPE_CHECKING:
 
 SCHEMA = 2  # 2: full-vocabulary log-probabilities (schema 1's top-k + rest bucket only bounded the KLD)
 DEFAULT_TOP_K = 64
+Z = 1.959964  # a two-sided 95% interval (stats.CONFIDENCE): each decision, pass or fail, at 2.5% (stats.ALPHA)
 TIE_MARGIN = 0.02  # top-1 agreement counts a token within this much source probability of the top one
 REFERENCES_DIR = "references"
 ROWS_SUFFIX = ".logp16"  # beside <key>.npz: (positions, vocab) float16 log-probabilities, raw, memory-mapped
+
+# Plain general-knowledge instructions fidelity is also scored on (after the domain cases and the suite's generic
+# prompts), so that a run without a case file rests on enough answer tokens: 64 prompts x 32 tokens give a model
+# 3 points under the 95% top-1 limit a failing verdict at least 90% of the time (tests/test_fidelity.py sizes it).
+# They need not be answerable by a tiny test model: fidelity teacher-forces the source's own answers. None is a
+# calibration instruction of the int4 recipe (recipes.CALIBRATION_INSTRUCTIONS): scored out of sample.
+FIDELITY_PROMPTS = (
+    "Explain how a refrigerator keeps food cold.",
+    "What is the capital of Australia, and why was it chosen?",
+    "Describe how bees make honey.",
+    "Why is the sky blue?",
+    "Explain what photosynthesis is.",
+    "How does a rainbow form?",
+    "What is the difference between a lake and a sea?",
+    "Describe the life cycle of a butterfly.",
+    "Explain how a compass works.",
+    "What were the main causes of the First World War?",
+    "Summarize the story of Romeo and Juliet.",
+    "How do volcanoes erupt?",
+    "What is the role of the heart in the human body?",
+    "Explain what gravity is to a ten-year-old.",
+    "What is a prime number? Give three examples.",
+    "Describe how bread is made.",
+    "Why do we have time zones?",
+    "What is the difference between a democracy and a monarchy?",
+    "Explain how a battery stores energy.",
+    "Describe the Great Wall of China.",
+    "What do plants need to grow?",
+    "How does the internet send a message from one computer to another?",
+    "Explain what an atom is made of.",
+    "What are the three states of matter?",
+    "Describe the job of a firefighter.",
+    "Why do cats purr?",
+    "Explain how the Moon causes the tides.",
+    "What is the tallest mountain in the world, and how tall is it?",
+    "Give advice to someone starting to learn the guitar.",
+    "Explain what a budget is and why it helps.",
+    "Describe the rules of football (soccer) in a few sentences.",
+    "What is the difference between an ocean current and a wave?",
+    "How does a camera capture a photograph?",
+    "Explain why ice floats on water.",
+    "Why did the ancient Egyptians build the pyramids?",
+    "Describe how a bill becomes a law in a parliament.",
+    "What is a fraction? Explain it with a pizza.",
+    "Write a short story about a lost umbrella.",
+    "Explain what recycling is and why it matters.",
+    "How do fish breathe underwater?",
+    "What is the speed of light, and why does it matter?",
+    "Describe a typical day of an astronaut on a space station.",
+    "Explain the difference between a meteor and a comet.",
+    "What are the main parts of a flower?",
+    "How does a thermometer measure temperature?",
+    "Give four tips for writing a good essay.",
+    "Explain what the scale of a map means.",
+    "Why do some animals hibernate in winter?",
+    "What is the Renaissance known for?",
+    "Describe how a car engine turns fuel into motion.",
+    "Explain what an eclipse is.",
+    "What makes a good friend?",
+    "How are mountains formed?",
+    "Explain the difference between renewable and non-renewable energy.",
+    "What does the stomach do during digestion?",
+    "Describe Paris to someone who has never been there.",
+    "Explain what a spreadsheet is used for.",
+    "How do migrating birds find their way?",
+    "Describe the deep ocean and the animals that live there.",
+    "Explain how a lighthouse helps ships.",
+    "What is an election, and how are the votes counted?",
+    "Describe how cheese is made.",
+    "Explain what DNA is in simple terms.",
+    "What are the benefits of reading books?",
+)
 
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
@@ -229,13 +303,19 @@ def _split(flat: NDArray[Any], lengths: NDArray[Any]) -> tuple[tuple[int, ...], 
     return tuple(out)
 
 
-def prompt_set(domain: Sequence[Sequence[Message]], generic: Sequence[str], *, limit: int) -> list[Prompt]:
+def prompt_set(
+    domain: Sequence[Sequence[Message]],
+    generic: Sequence[str],
+    *,
+    limit: int,
+    builtin: Sequence[str] = FIDELITY_PROMPTS,
+) -> list[Prompt]:
     """The prompts fidelity is scored on: the domain conversations first (they are what was fine-tuned), then the
-    generic prompts, without repeats, at most ``limit``."""
+    generic prompts, then the built-in fidelity prompts, without repeats, at most ``limit``."""
     chosen: list[Prompt] = []
     seen: set[str] = set()
     candidates: list[Prompt] = [[dict(m) for m in conversation] for conversation in domain]
-    for prompt in [*candidates, *generic]:
+    for prompt in [*candidates, *generic, *builtin]:
         key = json.dumps(_messages(prompt), sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -481,24 +561,58 @@ class FidelityLimits:
             min_identical_share=limits["fidelity_min_identical"],
         )
 
-    def violations(self, result: FidelityResult) -> tuple[str, ...]:
-        """One phrase per limit the result breaks (empty: it passes)."""
-        found = []
-        if result.top1_agreement < self.min_top1_agreement:
-            found.append(f"top-1 agreement {result.top1_agreement:.1%} < {self.min_top1_agreement:.1%}")
-        if result.mean_kld > self.max_mean_kld:
-            found.append(f"mean KLD {result.mean_kld:.3g} > {self.max_mean_kld:g}")
-        if mismatched := [p for p in result.prompts if p.text_match is False]:
+    def checks(self, result: FidelityResult) -> list[tuple[Verdict, str]]:
+        """Each limit the result does not pass, with its verdict: ``fail`` when the figure's 95% interval lies
+        entirely past the limit, ``inconclusive`` when it straddles it (this run's evidence cannot decide)."""
+        found: list[tuple[Verdict, str]] = []
+        low, high = result.top1_interval()
+        if low < self.min_top1_agreement:
+            what = f"top-1 agreement {result.top1_agreement:.1%} (95% interval {low:.1%}-{high:.1%})"
             found.append(
-                f"deployed text differs from the source's for the same tokens in {len(mismatched)}/{result.total} "
-                f"answers (e.g. {mismatched[0].runtime_text!r} vs {mismatched[0].reference_answer!r})"
+                ("fail", f"{what} < {self.min_top1_agreement:.1%}")
+                if high < self.min_top1_agreement
+                else ("inconclusive", f"{what} straddles {self.min_top1_agreement:.1%}")
+            )
+        low, high = result.kld_interval()
+        if high > self.max_mean_kld:
+            what = f"mean KLD {result.mean_kld:.3g} (95% interval {low:.3g}-{high:.3g})"
+            found.append(
+                ("fail", f"{what} > {self.max_mean_kld:g}")
+                if low > self.max_mean_kld
+                else ("inconclusive", f"{what} straddles {self.max_mean_kld:g}")
+            )
+        if mismatched := [p for p in result.prompts if p.text_match is False]:
+            first = mismatched[0]
+            found.append(
+                (
+                    "fail",
+                    f"deployed text differs from the source's for the same tokens in {len(mismatched)}/"
+                    f"{result.total} answers (e.g. {first.runtime_text!r} vs {first.reference_answer!r})",
+                )
             )
         if result.identical_share < self.min_identical_share:
             found.append(
-                f"answers identical {result.answers_identical}/{result.total} "
-                f"({result.identical_share:.0%}) < {self.min_identical_share:.0%}"
+                (
+                    "fail",
+                    f"answers identical {result.answers_identical}/{result.total} "
+                    f"({result.identical_share:.0%}) < {self.min_identical_share:.0%}",
+                )
             )
-        return tuple(found)
+        return found
+
+    def violations(self, result: FidelityResult) -> tuple[str, ...]:
+        """One phrase per limit the result decidedly breaks (the ladder rejects a rung on them). An undecided
+        limit is not one: see :meth:`checks` and :meth:`verdict`."""
+        return tuple(phrase for verdict, phrase in self.checks(result) if verdict == "fail")
+
+    def verdict(self, result: FidelityResult) -> Verdict:
+        """``fail`` when a limit is decidedly broken, else ``inconclusive`` when one is undecided, else ``pass``."""
+        verdicts = {verdict for verdict, _ in self.checks(result)}
+        return "fail" if "fail" in verdicts else "inconclusive" if verdicts else "pass"
+
+    def judge(self, result: FidelityResult, deployed_answers: Mapping[int, str] | None = None) -> Judgement:
+        """The verdict with its explanation, for the ``slm_verdict`` fixture (like a timing comparison)."""
+        return Judgement(result, self, deployed_answers)
 
 
 @dataclass(frozen=True)
@@ -535,12 +649,31 @@ class FidelityResult:
         """The ``n`` prompts with the highest mean KLD, worst first."""
         return sorted(self.prompts, key=lambda p: (-p.mean_kld, p.index))[:n]
 
+    def top1_interval(self) -> tuple[float, float]:
+        """95% interval of the top-1 agreement (:func:`agreement_interval`)."""
+        return agreement_interval([p.agreed for p in self.prompts], [p.positions for p in self.prompts])[:2]
+
+    def effective_positions(self) -> float:
+        """How many independent positions the answers' correlated ones are worth (:func:`agreement_interval`)."""
+        return agreement_interval([p.agreed for p in self.prompts], [p.positions for p in self.prompts])[2]
+
+    def kld_interval(self) -> tuple[float, float]:
+        """95% interval of the mean KLD (:func:`mean_interval`)."""
+        return mean_interval([p.mean_kld * p.positions for p in self.prompts], [p.positions for p in self.prompts])
+
+    def evidence(self) -> str:
+        """What the figures rest on: prompts and teacher-forced tokens."""
+        return f"{self.total} prompts, {self.positions} tokens"
+
     def summary(self) -> str:
+        low, high = self.top1_interval()
+        kld_low, kld_high = self.kld_interval()
         return (
-            f"answers identical {self.answers_identical}/{self.total}, top-1 agreement {self.top1_agreement:.1%} "
-            f"(exact {self.top1_exact:.1%}), "
-            f"mean KLD {self.mean_kld:.3g}, max KLD {self.max_kld:.3g}, "
-            f"perplexity ratio {self.perplexity_ratio:.3f} ({self.positions} tokens teacher-forced)"
+            f"{self.evidence()} teacher-forced: answers identical {self.answers_identical}/{self.total}, "
+            f"top-1 agreement {self.top1_agreement:.1%} (95% interval {low:.1%}-{high:.1%}, worth "
+            f"{self.effective_positions():.0f} independent tokens; exact {self.top1_exact:.1%}), "
+            f"mean KLD {self.mean_kld:.3g} (95% interval {kld_low:.3g}-{kld_high:.3g}), max KLD {self.max_kld:.3g}, "
+            f"perplexity ratio {self.perplexity_ratio:.3f}"
         )
 
     def prompt_match(self) -> str:
@@ -555,18 +688,22 @@ class FidelityResult:
         return f"{sum(known)}/{len(known)}" if known else "unknown"
 
     def passes(self, limits: FidelityLimits) -> bool:
-        return not limits.violations(self)
+        """Every limit decidedly kept (an undecided one is no pass)."""
+        return limits.verdict(self) == "pass"
 
     def message(self, limits: FidelityLimits, deployed_answers: Mapping[int, str] | None = None, n: int = 3) -> str:
-        """The failure message: limits broken, the figures, and the worst prompts with both answers."""
-        broken = limits.violations(self)
-        head = (
-            f"the deployed model drifted from its source: {'; '.join(broken)}"
-            if broken
-            else "the deployed model is faithful to its source"
-        )
+        """The verdict's message: limits broken or undecided, the figures with their evidence and intervals, and
+        on a failure the worst prompts with both answers."""
+        verdict = limits.verdict(self)
+        broken = [phrase for v, phrase in limits.checks(self) if v == verdict]
+        if verdict == "fail":
+            head = f"the deployed model drifted from its source: {'; '.join(broken)}"
+        elif verdict == "inconclusive":
+            head = f"inconclusive: this run's evidence cannot decide fidelity to the source: {'; '.join(broken)}"
+        else:
+            head = "the deployed model is faithful to its source"
         lines = [f"{head} ({self.summary()})"]
-        if broken:
+        if verdict == "fail":
             lines.append("worst prompts (highest KLD):")
             for p in self.worst(n):
                 where = "identical" if p.first_divergence is None else f"diverges at token {p.first_divergence}"
@@ -581,6 +718,65 @@ class FidelityResult:
                 f"source's (e.g. {mismatched[0]!r}); these figures use the source's ids"
             )
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A fidelity result judged against its limits; read by the ``slm_verdict`` fixture as a timing comparison is
+    (:class:`pytest_slmdeploy.stats.Judged`): a failure fails the test, an undecided verdict is reported as
+    inconclusive."""
+
+    result: FidelityResult
+    limits: FidelityLimits
+    deployed_answers: Mapping[int, str] | None = None
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.limits.verdict(self.result)
+
+    def explain(self) -> str:
+        return self.result.message(self.limits, self.deployed_answers)
+
+
+def agreement_interval(agreed: Sequence[int], positions: Sequence[int], z: float = Z) -> tuple[float, float, float]:
+    """(low, high, effective positions): a Wilson interval for the share ``sum(agreed) / sum(positions)`` whose
+    sample size is the positions' effective number, ``n / deff``.
+
+    Positions within one answer are not independent (a model that drifts on one prompt tends to drift on its
+    next tokens too), so ``n`` positions tell less than ``n`` coin flips. The design effect ``deff`` is Kish's:
+    the variance of the share estimated from the spread between prompts (the ratio estimator's linearised
+    variance, prompts as clusters) over the variance the same share would have from independent positions; at
+    least 1. With fewer than two prompts nothing tells the spread between prompts: one position per prompt.
+    Wilson's interval, unlike the normal one, stays inside [0, 1] and is not empty at 100% agreement.
+    """
+    k, n, hits = len(positions), float(sum(positions)), float(sum(agreed))
+    if n <= 0:
+        return 0.0, 1.0, 0.0
+    share = hits / n
+    if k < 2:
+        effective = float(k)
+    else:
+        between = k / (k - 1) * sum((a - share * m) ** 2 for a, m in zip(agreed, positions, strict=True)) / n**2
+        independent = share * (1 - share) / n
+        deff = max(1.0, between / independent) if independent > 0 else 1.0
+        effective = n / deff
+    centre = share + z * z / (2 * effective)
+    half = z * math.sqrt(share * (1 - share) / effective + z * z / (4 * effective * effective))
+    scale = 1 + z * z / effective
+    return max(0.0, (centre - half) / scale), min(1.0, (centre + half) / scale), effective
+
+
+def mean_interval(sums: Sequence[float], positions: Sequence[int], z: float = Z) -> tuple[float, float]:
+    """Normal 95% interval of a per-position mean ``sum(sums) / sum(positions)`` (the mean KLD), its variance
+    estimated from the spread between prompts (prompts as clusters, as :func:`agreement_interval`). With fewer
+    than two prompts the spread is unknown: the interval is unbounded above."""
+    k, n = len(positions), float(sum(positions))
+    if n <= 0 or k < 2:
+        return 0.0, math.inf
+    mean = sum(sums) / n
+    variance = k / (k - 1) * sum((s - mean * m) ** 2 for s, m in zip(sums, positions, strict=True)) / n**2
+    half = z * math.sqrt(variance)
+    return max(0.0, mean - half), mean + half
 
 
 def _load_model(model_dir: Path, threads: int | None) -> Any:
