@@ -261,6 +261,20 @@ def _score(refs: References, logits: np.ndarray) -> FidelityResult:
     return fidelity.combine([fidelity.compare(refs, i, logits[a:b]) for i, (a, b) in enumerate(spans)])
 
 
+def test_references_of_another_schema_are_computed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The schema is part of the key and is checked on reading: a cache written by the former code (top-64 and a
+    rest bucket, no full log-probabilities) is never read as the new kind."""
+    logp = _log_softmax(np.random.default_rng(0).normal(size=(6, 50)))
+    path = _synthetic(logp, prompts=2).save(tmp_path / "refs.npz")
+    loaded = fidelity._complete(path)
+    assert loaded is not None
+    assert np.array_equal(loaded.logprobs, logp.astype(np.float16))
+    key = fidelity.references_key("f", ["q"], max_new_tokens=8, top_k=64)
+    monkeypatch.setattr(fidelity, "SCHEMA", fidelity.SCHEMA + 1)
+    assert fidelity.references_key("f", ["q"], max_new_tokens=8, top_k=64) != key
+    assert fidelity._complete(path) is None
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     top = x.max(axis=1, keepdims=True)
     return x - (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))
