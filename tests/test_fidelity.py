@@ -453,7 +453,8 @@ def test_the_built_in_prompts_are_general_and_out_of_sample() -> None:
 
 SIZED_PROMPTS = 64  # what the default prompt set must hold (see the sizing test)
 # Correlation of agreement between the tokens of one answer (intraclass correlation) the size is made for: a
-# drifting model drifts more on some answers than on others.
+# drifting model drifts more on some answers than on others. Measured on the built-in prompts: 0.011 for
+# SmolLM2-135M-Instruct at int4 (84.7% top-1), 0.013 or less on the tiny outlier model.
 RHO = 0.05
 
 
