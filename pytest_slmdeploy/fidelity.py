@@ -6,9 +6,15 @@ ONNX Runtime GenAI model is then teacher-forced on the same tokens, as
 llama.cpp's ``llama-perplexity --kl-divergence`` does, and compared position by
 position: top-1 agreement, KL divergence, and the reference tokens' likelihood.
 
+The KL divergence is exact, over the whole vocabulary: the references keep the
+source's full log-probabilities at every answer position (float16). A summary
+of the source's distribution (its top k plus one bucket for the rest) gives
+only a lower bound, and on flat distributions a model unrelated to the source
+scored 0.004 on it against a true 0.36 (issue 21, item 4).
+
 References are computed once per (source fingerprint, prompts, answer length,
 schema) and kept in ``<cache>/references/``: a warm run reads them with numpy
-and never imports torch or transformers.
+(the log-probabilities memory-mapped) and never imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -23,18 +29,93 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pytest_slmdeploy.errors import SlmDeployError, describe
+from pytest_slmdeploy.stats import Verdict
 
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-SCHEMA = 1
+SCHEMA = 2  # 2: full-vocabulary log-probabilities (schema 1's top-k + rest bucket only bounded the KLD)
 DEFAULT_TOP_K = 64
+Z = 1.959964  # a two-sided 95% interval (stats.CONFIDENCE): each decision, pass or fail, at 2.5% (stats.ALPHA)
 TIE_MARGIN = 0.02  # top-1 agreement counts a token within this much source probability of the top one
 REFERENCES_DIR = "references"
+ROWS_SUFFIX = ".logp16"  # beside <key>.npz: (positions, vocab) float16 log-probabilities, raw, memory-mapped
+
+# Plain general-knowledge instructions fidelity is also scored on (after the domain cases and the suite's generic
+# prompts), so that a run without a case file rests on enough answer tokens: 64 prompts x 32 tokens give a model
+# 3 points under the 95% top-1 limit a failing verdict at least 90% of the time (tests/test_fidelity.py sizes it).
+# They need not be answerable by a tiny test model: fidelity teacher-forces the source's own answers. None is a
+# calibration instruction of the int4 recipe (recipes.CALIBRATION_INSTRUCTIONS): scored out of sample.
+FIDELITY_PROMPTS = (
+    "Explain how a refrigerator keeps food cold.",
+    "What is the capital of Australia, and why was it chosen?",
+    "Describe how bees make honey.",
+    "Why is the sky blue?",
+    "Explain what photosynthesis is.",
+    "How does a rainbow form?",
+    "What is the difference between a lake and a sea?",
+    "Describe the life cycle of a butterfly.",
+    "Explain how a compass works.",
+    "What were the main causes of the First World War?",
+    "Summarize the story of Romeo and Juliet.",
+    "How do volcanoes erupt?",
+    "What is the role of the heart in the human body?",
+    "Explain what gravity is to a ten-year-old.",
+    "What is a prime number? Give three examples.",
+    "Describe how bread is made.",
+    "Why do we have time zones?",
+    "What is the difference between a democracy and a monarchy?",
+    "Explain how a battery stores energy.",
+    "Describe the Great Wall of China.",
+    "What do plants need to grow?",
+    "How does the internet send a message from one computer to another?",
+    "Explain what an atom is made of.",
+    "What are the three states of matter?",
+    "Describe the job of a firefighter.",
+    "Why do cats purr?",
+    "Explain how the Moon causes the tides.",
+    "What is the tallest mountain in the world, and how tall is it?",
+    "Give advice to someone starting to learn the guitar.",
+    "Explain what a budget is and why it helps.",
+    "Describe the rules of football (soccer) in a few sentences.",
+    "What is the difference between an ocean current and a wave?",
+    "How does a camera capture a photograph?",
+    "Explain why ice floats on water.",
+    "Why did the ancient Egyptians build the pyramids?",
+    "Describe how a bill becomes a law in a parliament.",
+    "What is a fraction? Explain it with a pizza.",
+    "Write a short story about a lost umbrella.",
+    "Explain what recycling is and why it matters.",
+    "How do fish breathe underwater?",
+    "What is the speed of light, and why does it matter?",
+    "Describe a typical day of an astronaut on a space station.",
+    "Explain the difference between a meteor and a comet.",
+    "What are the main parts of a flower?",
+    "How does a thermometer measure temperature?",
+    "Give four tips for writing a good essay.",
+    "Explain what the scale of a map means.",
+    "Why do some animals hibernate in winter?",
+    "What is the Renaissance known for?",
+    "Describe how a car engine turns fuel into motion.",
+    "Explain what an eclipse is.",
+    "What makes a good friend?",
+    "How are mountains formed?",
+    "Explain the difference between renewable and non-renewable energy.",
+    "What does the stomach do during digestion?",
+    "Describe Paris to someone who has never been there.",
+    "Explain what a spreadsheet is used for.",
+    "How do migrating birds find their way?",
+    "Describe the deep ocean and the animals that live there.",
+    "Explain how a lighthouse helps ships.",
+    "What is an election, and how are the votes counted?",
+    "Describe how cheese is made.",
+    "Explain what DNA is in simple terms.",
+    "What are the benefits of reading books?",
+)
 
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
@@ -71,12 +152,11 @@ def references_key(source_fingerprint: str, prompts: Sequence[Prompt], *, max_ne
 
 @dataclass(frozen=True, eq=False)
 class References:
-    """The source model's greedy answers and next-token distributions, compactly.
+    """The source model's greedy answers and next-token distributions.
 
-    At each answer position the distribution is kept as the ``top_k`` most likely tokens' log-probabilities
-    plus the remaining mass as one bucket. The KL divergence computed on that support (k + 1 outcomes) is a
-    lower bound of the KL divergence over the whole vocabulary (merging outcomes never increases it); with
-    k = 64 the bucket holds little mass for a fine-tuned model's confident answers.
+    At each answer position the whole distribution is kept as float16 log-probabilities (``logprobs``: 2 bytes
+    per vocabulary entry and position; 297 KiB a position for a 151,936-token vocabulary), so the KL divergence
+    is exact. The ``top_k`` most likely tokens are also kept apart, for the near-tie rule and the messages.
     """
 
     key: str
@@ -90,7 +170,7 @@ class References:
     eos_token_ids: tuple[int, ...]
     topk_ids: NDArray[np.int32]  # (positions, top_k): position p of prompt i is offsets[i] + p
     topk_logprobs: NDArray[np.float32]  # (positions, top_k), most likely first
-    rest_logprob: NDArray[np.float32]  # (positions,): log of the mass outside the top k (-inf when none)
+    logprobs: NDArray[np.float16]  # (positions, vocab): every token's log-probability (memory-mapped when loaded)
     token_logprob: NDArray[np.float32]  # (positions,): the reference token's log-probability
     compute_seconds: float  # what computing them took, when they were computed
     path: Path | None = None
@@ -113,9 +193,13 @@ class References:
         return tuple(bool(a) and a[-1] in self.eos_token_ids for a in self.answer_ids)
 
     def save(self, path: Path) -> Path:
-        """Write them to ``path`` (npz) atomically: a temporary file, then ``os.replace``."""
+        """Write them to ``path`` (npz) and the log-probabilities beside it (:func:`rows_path`), each atomically:
+        a temporary file, then ``os.replace``; the npz last, so that its presence means both are complete."""
         import numpy as np
 
+        rows = rows_path(path)
+        if Path(getattr(self.logprobs, "filename", None) or "") != rows:  # not already written there
+            _write_atomically(rows, lambda fh: fh.write(np.ascontiguousarray(self.logprobs, dtype=np.float16).data))
         meta = {
             "schema": SCHEMA,
             "key": self.key,
@@ -126,27 +210,22 @@ class References:
             "answer_texts": list(self.answer_texts),
             "eos_token_ids": list(self.eos_token_ids),
             "compute_seconds": self.compute_seconds,
+            "vocab": int(self.logprobs.shape[1]),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(
-                    fh,
-                    meta=np.array(json.dumps(meta)),
-                    prompt_ids=_flat([*self.prompt_ids]),
-                    prompt_lengths=np.array([len(p) for p in self.prompt_ids], dtype=np.int64),
-                    answer_ids=_flat([*self.answer_ids]),
-                    answer_lengths=np.array([len(a) for a in self.answer_ids], dtype=np.int64),
-                    topk_ids=self.topk_ids,
-                    topk_logprobs=self.topk_logprobs,
-                    rest_logprob=self.rest_logprob,
-                    token_logprob=self.token_logprob,
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(
+            path,
+            lambda fh: np.savez_compressed(
+                fh,
+                meta=np.array(json.dumps(meta)),
+                prompt_ids=_flat([*self.prompt_ids]),
+                prompt_lengths=np.array([len(p) for p in self.prompt_ids], dtype=np.int64),
+                answer_ids=_flat([*self.answer_ids]),
+                answer_lengths=np.array([len(a) for a in self.answer_ids], dtype=np.int64),
+                topk_ids=self.topk_ids,
+                topk_logprobs=self.topk_logprobs,
+                token_logprob=self.token_logprob,
+            ),
+        )
         return path
 
     @classmethod
@@ -160,7 +239,11 @@ class References:
                 raise FidelityError(f"{path}: references of schema {meta.get('schema')}, expected {SCHEMA}")
             prompt_ids = _split(data["prompt_ids"], data["prompt_lengths"])
             answer_ids = _split(data["answer_ids"], data["answer_lengths"])
-            arrays = {k: data[k].copy() for k in ("topk_ids", "topk_logprobs", "rest_logprob", "token_logprob")}
+            arrays = {k: data[k].copy() for k in ("topk_ids", "topk_logprobs", "token_logprob")}
+        shape = (int(arrays["topk_ids"].shape[0]), int(meta["vocab"]))
+        rows = rows_path(path)
+        if not rows.is_file() or rows.stat().st_size != 2 * shape[0] * shape[1]:
+            raise FidelityError(f"{rows}: missing or incomplete, expected {shape[0]} x {shape[1]} log-probabilities")
         return cls(
             key=meta["key"],
             source_fingerprint=meta["source_fingerprint"],
@@ -174,8 +257,36 @@ class References:
             compute_seconds=float(meta["compute_seconds"]),
             path=path,
             loaded=True,
+            logprobs=np.memmap(rows, dtype=np.float16, mode="r", shape=shape),
             **arrays,
         )
+
+
+def _complete(path: Path) -> References | None:
+    """The references at ``path``, or None when they are not there or their log-probabilities are not whole."""
+    if not path.is_file():
+        return None
+    try:
+        return References.load(path)
+    except FidelityError:  # the log-probabilities removed (to free disk) or cut short: compute them again
+        return None
+
+
+def rows_path(path: Path) -> Path:
+    """Where the log-probabilities of the references at ``path`` (``<key>.npz``) are kept."""
+    return path.with_suffix(ROWS_SUFFIX)
+
+
+def _write_atomically(path: Path, write: Callable[[Any], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _flat(rows: list[tuple[int, ...]]) -> NDArray[np.int64]:
@@ -192,13 +303,19 @@ def _split(flat: NDArray[Any], lengths: NDArray[Any]) -> tuple[tuple[int, ...], 
     return tuple(out)
 
 
-def prompt_set(domain: Sequence[Sequence[Message]], generic: Sequence[str], *, limit: int) -> list[Prompt]:
+def prompt_set(
+    domain: Sequence[Sequence[Message]],
+    generic: Sequence[str],
+    *,
+    limit: int,
+    builtin: Sequence[str] = FIDELITY_PROMPTS,
+) -> list[Prompt]:
     """The prompts fidelity is scored on: the domain conversations first (they are what was fine-tuned), then the
-    generic prompts, without repeats, at most ``limit``."""
+    generic prompts, then the built-in fidelity prompts, without repeats, at most ``limit``."""
     chosen: list[Prompt] = []
     seen: set[str] = set()
     candidates: list[Prompt] = [[dict(m) for m in conversation] for conversation in domain]
-    for prompt in [*candidates, *generic]:
+    for prompt in [*candidates, *generic, *builtin]:
         key = json.dumps(_messages(prompt), sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -228,6 +345,8 @@ def compute_references(
     is there, so there is never a second one. The answer is greedy on the raw logits (no repetition penalty
     or other search settings) until an end token of ``generation_config`` or ``max_new_tokens``.
     """
+    import numpy as np
+
     from pytest_slmdeploy.source import fingerprint
 
     if max_new_tokens < 1:
@@ -238,18 +357,36 @@ def compute_references(
     cache = Path(cache_dir) if cache_dir is not None else None
     fp = fingerprint(source, stat_cache_dir=cache)
     key = references_key(fp, prompts, max_new_tokens=max_new_tokens, top_k=top_k)
+    args = (source, prompts, fp, key, max_new_tokens, top_k, trust_remote_code, progress)
     if cache is None:
-        return _compute(source, prompts, fp, key, max_new_tokens, top_k, trust_remote_code, progress)
+        with tempfile.TemporaryFile() as sink:
+            fields, vocab = _compute(*args, sink)
+            sink.seek(0)
+            logprobs = np.fromfile(sink, dtype=np.float16).reshape(-1, vocab)
+        return References(**fields, logprobs=logprobs)
     path = references_path(cache, key)
-    if path.is_file():
-        return References.load(path)
+    if (found := _complete(path)) is not None:
+        return found
     from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = rows_path(path)
     with FileLock(str(path) + ".lock"):
-        if path.is_file():  # another process computed them while we waited
-            return References.load(path)
-        refs = _compute(source, prompts, fp, key, max_new_tokens, top_k, trust_remote_code, progress)
+        if (found := _complete(path)) is not None:  # another process computed them while we waited
+            return found
+        # The log-probabilities go to disk row by row as they are computed: at 297 KiB a position for a
+        # 151,936-token vocabulary they need not all sit in memory.
+        fd, tmp = tempfile.mkstemp(prefix=f".{rows.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                fields, vocab = _compute(*args, sink)
+            os.replace(tmp, rows)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        positions = int(fields["topk_ids"].shape[0])
+        logprobs = np.memmap(rows, dtype=np.float16, mode="r", shape=(positions, vocab))
+        refs = References(**fields, logprobs=logprobs)
         refs.save(path)
     return dataclasses.replace(refs, path=path)
 
@@ -263,7 +400,9 @@ def _compute(
     top_k: int,
     trust_remote_code: bool,
     progress: Progress,
-) -> References:
+    sink: BinaryIO,
+) -> tuple[dict[str, Any], int]:
+    """The references' fields but the log-probabilities, which go to ``sink`` (float16 rows), and the vocabulary."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -293,7 +432,7 @@ def _compute(
     all_messages, prompt_rows, answer_rows, texts = [], [], [], []
     top_ids: list[Any] = []
     top_lps: list[Any] = []
-    rests: list[Any] = []
+    vocab = 0
     tokens_lp: list[float] = []
     with torch.inference_mode():
         for prompt in prompts:
@@ -314,11 +453,10 @@ def _compute(
                 logp = torch.log_softmax(raw[0].double(), dim=-1)
                 k = min(top_k, logp.numel())
                 values, indices = torch.topk(logp, k)
-                rest = logp.clone()
-                rest[indices] = -math.inf
                 top_ids.append(indices.numpy().astype(np.int32))
                 top_lps.append(values.numpy().astype(np.float32))
-                rests.append(float(torch.logsumexp(rest, dim=0)) if k < logp.numel() else -math.inf)
+                sink.write(logp.numpy().astype(np.float16).tobytes())
+                vocab = logp.numel()
                 tokens_lp.append(float(logp[token]))
             all_messages.append(tuple(messages))
             prompt_rows.append(tuple(ids))
@@ -327,22 +465,22 @@ def _compute(
             texts.append(str(tokenizer.decode(body, skip_special_tokens=True)))
     seconds = time.perf_counter() - start
     progress(f"fidelity references computed in {seconds:.1f}s")
-    return References(
-        key=key,
-        source_fingerprint=fp,
-        max_new_tokens=max_new_tokens,
-        top_k=top_k,
-        messages=tuple(all_messages),
-        prompt_ids=tuple(prompt_rows),
-        answer_ids=tuple(answer_rows),
-        answer_texts=tuple(texts),
-        eos_token_ids=tuple(sorted(eos)),
-        topk_ids=np.stack(top_ids),
-        topk_logprobs=np.stack(top_lps),
-        rest_logprob=np.array(rests, dtype=np.float32),
-        token_logprob=np.array(tokens_lp, dtype=np.float32),
-        compute_seconds=seconds,
-    )
+    fields = {
+        "key": key,
+        "source_fingerprint": fp,
+        "max_new_tokens": max_new_tokens,
+        "top_k": top_k,
+        "messages": tuple(all_messages),
+        "prompt_ids": tuple(prompt_rows),
+        "answer_ids": tuple(answer_rows),
+        "answer_texts": tuple(texts),
+        "eos_token_ids": tuple(sorted(eos)),
+        "topk_ids": np.stack(top_ids),
+        "topk_logprobs": np.stack(top_lps),
+        "token_logprob": np.array(tokens_lp, dtype=np.float32),
+        "compute_seconds": seconds,
+    }
+    return fields, vocab
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -381,6 +519,14 @@ class PromptFidelity:
     deployed_nll: float
     runtime_prompt_match: bool | None = None  # the deployed tokenizer renders the same prompt ids (None: unknown)
     exact: int = 0  # positions whose deployed top-1 token is exactly the reference token
+    runtime_text: str | None = None  # the deployed tokenizer's text for the reference answer's ids (None: unknown)
+
+    @property
+    def text_match(self) -> bool | None:
+        """The deployed pipeline writes the reference answer's tokens as the source's tokenizer does (None:
+        unknown). Same tokens can give other text: a leading lone "▁" is two spaces in ONNX Runtime GenAI's
+        decoder and one in transformers' for a Mistral-family tokenizer."""
+        return None if self.runtime_text is None else self.runtime_text == self.reference_answer
 
     @property
     def identical(self) -> bool:
@@ -415,19 +561,58 @@ class FidelityLimits:
             min_identical_share=limits["fidelity_min_identical"],
         )
 
-    def violations(self, result: FidelityResult) -> tuple[str, ...]:
-        """One phrase per limit the result breaks (empty: it passes)."""
-        found = []
-        if result.top1_agreement < self.min_top1_agreement:
-            found.append(f"top-1 agreement {result.top1_agreement:.1%} < {self.min_top1_agreement:.1%}")
-        if result.mean_kld > self.max_mean_kld:
-            found.append(f"mean KLD {result.mean_kld:.3g} > {self.max_mean_kld:g}")
+    def checks(self, result: FidelityResult) -> list[tuple[Verdict, str]]:
+        """Each limit the result does not pass, with its verdict: ``fail`` when the figure's 95% interval lies
+        entirely past the limit, ``inconclusive`` when it straddles it (this run's evidence cannot decide)."""
+        found: list[tuple[Verdict, str]] = []
+        low, high = result.top1_interval()
+        if low < self.min_top1_agreement:
+            what = f"top-1 agreement {result.top1_agreement:.1%} (95% interval {low:.1%}-{high:.1%})"
+            found.append(
+                ("fail", f"{what} < {self.min_top1_agreement:.1%}")
+                if high < self.min_top1_agreement
+                else ("inconclusive", f"{what} straddles {self.min_top1_agreement:.1%}")
+            )
+        low, high = result.kld_interval()
+        if high > self.max_mean_kld:
+            what = f"mean KLD {result.mean_kld:.3g} (95% interval {low:.3g}-{high:.3g})"
+            found.append(
+                ("fail", f"{what} > {self.max_mean_kld:g}")
+                if low > self.max_mean_kld
+                else ("inconclusive", f"{what} straddles {self.max_mean_kld:g}")
+            )
+        if mismatched := [p for p in result.prompts if p.text_match is False]:
+            first = mismatched[0]
+            found.append(
+                (
+                    "fail",
+                    f"deployed text differs from the source's for the same tokens in {len(mismatched)}/"
+                    f"{result.total} answers (e.g. {first.runtime_text!r} vs {first.reference_answer!r})",
+                )
+            )
         if result.identical_share < self.min_identical_share:
             found.append(
-                f"answers identical {result.answers_identical}/{result.total} "
-                f"({result.identical_share:.0%}) < {self.min_identical_share:.0%}"
+                (
+                    "fail",
+                    f"answers identical {result.answers_identical}/{result.total} "
+                    f"({result.identical_share:.0%}) < {self.min_identical_share:.0%}",
+                )
             )
-        return tuple(found)
+        return found
+
+    def violations(self, result: FidelityResult) -> tuple[str, ...]:
+        """One phrase per limit the result decidedly breaks (the ladder rejects a rung on them). An undecided
+        limit is not one: see :meth:`checks` and :meth:`verdict`."""
+        return tuple(phrase for verdict, phrase in self.checks(result) if verdict == "fail")
+
+    def verdict(self, result: FidelityResult) -> Verdict:
+        """``fail`` when a limit is decidedly broken, else ``inconclusive`` when one is undecided, else ``pass``."""
+        verdicts = {verdict for verdict, _ in self.checks(result)}
+        return "fail" if "fail" in verdicts else "inconclusive" if verdicts else "pass"
+
+    def judge(self, result: FidelityResult, deployed_answers: Mapping[int, str] | None = None) -> Judgement:
+        """The verdict with its explanation, for the ``slm_verdict`` fixture (like a timing comparison)."""
+        return Judgement(result, self, deployed_answers)
 
 
 @dataclass(frozen=True)
@@ -436,7 +621,7 @@ class FidelityResult:
 
     prompts: tuple[PromptFidelity, ...]
     top1_agreement: float  # share of all answer positions (near ties count: see TIE_MARGIN)
-    mean_kld: float  # over all answer positions, on the references' top-k support (a lower bound)
+    mean_kld: float  # over all answer positions, each KL(source || deployed) over the whole vocabulary
     max_kld: float
     perplexity_ratio: float  # exp(mean NLL deployed - mean NLL source) of the reference tokens
     score_seconds: float
@@ -464,12 +649,31 @@ class FidelityResult:
         """The ``n`` prompts with the highest mean KLD, worst first."""
         return sorted(self.prompts, key=lambda p: (-p.mean_kld, p.index))[:n]
 
+    def top1_interval(self) -> tuple[float, float]:
+        """95% interval of the top-1 agreement (:func:`agreement_interval`)."""
+        return agreement_interval([p.agreed for p in self.prompts], [p.positions for p in self.prompts])[:2]
+
+    def effective_positions(self) -> float:
+        """How many independent positions the answers' correlated ones are worth (:func:`agreement_interval`)."""
+        return agreement_interval([p.agreed for p in self.prompts], [p.positions for p in self.prompts])[2]
+
+    def kld_interval(self) -> tuple[float, float]:
+        """95% interval of the mean KLD (:func:`mean_interval`)."""
+        return mean_interval([p.mean_kld * p.positions for p in self.prompts], [p.positions for p in self.prompts])
+
+    def evidence(self) -> str:
+        """What the figures rest on: prompts and teacher-forced tokens."""
+        return f"{self.total} prompts, {self.positions} tokens"
+
     def summary(self) -> str:
+        low, high = self.top1_interval()
+        kld_low, kld_high = self.kld_interval()
         return (
-            f"answers identical {self.answers_identical}/{self.total}, top-1 agreement {self.top1_agreement:.1%} "
-            f"(exact {self.top1_exact:.1%}), "
-            f"mean KLD {self.mean_kld:.3g}, max KLD {self.max_kld:.3g}, "
-            f"perplexity ratio {self.perplexity_ratio:.3f} ({self.positions} tokens teacher-forced)"
+            f"{self.evidence()} teacher-forced: answers identical {self.answers_identical}/{self.total}, "
+            f"top-1 agreement {self.top1_agreement:.1%} (95% interval {low:.1%}-{high:.1%}, worth "
+            f"{self.effective_positions():.0f} independent tokens; exact {self.top1_exact:.1%}), "
+            f"mean KLD {self.mean_kld:.3g} (95% interval {kld_low:.3g}-{kld_high:.3g}), max KLD {self.max_kld:.3g}, "
+            f"perplexity ratio {self.perplexity_ratio:.3f}"
         )
 
     def prompt_match(self) -> str:
@@ -478,19 +682,28 @@ class FidelityResult:
         known = [p.runtime_prompt_match for p in self.prompts if p.runtime_prompt_match is not None]
         return f"{sum(known)}/{len(known)}" if known else "unknown"
 
+    def text_match(self) -> str:
+        """How many answers the deployed tokenizer writes as the source's does, from the same token ids."""
+        known = [p.text_match for p in self.prompts if p.text_match is not None]
+        return f"{sum(known)}/{len(known)}" if known else "unknown"
+
     def passes(self, limits: FidelityLimits) -> bool:
-        return not limits.violations(self)
+        """Every limit decidedly kept (an undecided one is no pass)."""
+        return limits.verdict(self) == "pass"
 
     def message(self, limits: FidelityLimits, deployed_answers: Mapping[int, str] | None = None, n: int = 3) -> str:
-        """The failure message: limits broken, the figures, and the worst prompts with both answers."""
-        broken = limits.violations(self)
-        head = (
-            f"the deployed model drifted from its source: {'; '.join(broken)}"
-            if broken
-            else "the deployed model is faithful to its source"
-        )
+        """The verdict's message: limits broken or undecided, the figures with their evidence and intervals, and
+        on a failure the worst prompts with both answers."""
+        verdict = limits.verdict(self)
+        broken = [phrase for v, phrase in limits.checks(self) if v == verdict]
+        if verdict == "fail":
+            head = f"the deployed model drifted from its source: {'; '.join(broken)}"
+        elif verdict == "inconclusive":
+            head = f"inconclusive: this run's evidence cannot decide fidelity to the source: {'; '.join(broken)}"
+        else:
+            head = "the deployed model is faithful to its source"
         lines = [f"{head} ({self.summary()})"]
-        if broken:
+        if verdict == "fail":
             lines.append("worst prompts (highest KLD):")
             for p in self.worst(n):
                 where = "identical" if p.first_divergence is None else f"diverges at token {p.first_divergence}"
@@ -505,6 +718,65 @@ class FidelityResult:
                 f"source's (e.g. {mismatched[0]!r}); these figures use the source's ids"
             )
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A fidelity result judged against its limits; read by the ``slm_verdict`` fixture as a timing comparison is
+    (:class:`pytest_slmdeploy.stats.Judged`): a failure fails the test, an undecided verdict is reported as
+    inconclusive."""
+
+    result: FidelityResult
+    limits: FidelityLimits
+    deployed_answers: Mapping[int, str] | None = None
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.limits.verdict(self.result)
+
+    def explain(self) -> str:
+        return self.result.message(self.limits, self.deployed_answers)
+
+
+def agreement_interval(agreed: Sequence[int], positions: Sequence[int], z: float = Z) -> tuple[float, float, float]:
+    """(low, high, effective positions): a Wilson interval for the share ``sum(agreed) / sum(positions)`` whose
+    sample size is the positions' effective number, ``n / deff``.
+
+    Positions within one answer are not independent (a model that drifts on one prompt tends to drift on its
+    next tokens too), so ``n`` positions tell less than ``n`` coin flips. The design effect ``deff`` is Kish's:
+    the variance of the share estimated from the spread between prompts (the ratio estimator's linearised
+    variance, prompts as clusters) over the variance the same share would have from independent positions; at
+    least 1. With fewer than two prompts nothing tells the spread between prompts: one position per prompt.
+    Wilson's interval, unlike the normal one, stays inside [0, 1] and is not empty at 100% agreement.
+    """
+    k, n, hits = len(positions), float(sum(positions)), float(sum(agreed))
+    if n <= 0:
+        return 0.0, 1.0, 0.0
+    share = hits / n
+    if k < 2:
+        effective = float(k)
+    else:
+        between = k / (k - 1) * sum((a - share * m) ** 2 for a, m in zip(agreed, positions, strict=True)) / n**2
+        independent = share * (1 - share) / n
+        deff = max(1.0, between / independent) if independent > 0 else 1.0
+        effective = n / deff
+    centre = share + z * z / (2 * effective)
+    half = z * math.sqrt(share * (1 - share) / effective + z * z / (4 * effective * effective))
+    scale = 1 + z * z / effective
+    return max(0.0, (centre - half) / scale), min(1.0, (centre + half) / scale), effective
+
+
+def mean_interval(sums: Sequence[float], positions: Sequence[int], z: float = Z) -> tuple[float, float]:
+    """Normal 95% interval of a per-position mean ``sum(sums) / sum(positions)`` (the mean KLD), its variance
+    estimated from the spread between prompts (prompts as clusters, as :func:`agreement_interval`). With fewer
+    than two prompts the spread is unknown: the interval is unbounded above."""
+    k, n = len(positions), float(sum(positions))
+    if n <= 0 or k < 2:
+        return 0.0, math.inf
+    mean = sum(sums) / n
+    variance = k / (k - 1) * sum((s - mean * m) ** 2 for s, m in zip(sums, positions, strict=True)) / n**2
+    half = z * math.sqrt(variance)
+    return max(0.0, mean - half), mean + half
 
 
 def _load_model(model_dir: Path, threads: int | None) -> Any:
@@ -543,7 +815,7 @@ def score(
     """Teacher-force the installed model on the reference tokens and compare it with the source, position by position.
 
     For each prompt: append the prompt ids, read the logits, then append the reference answer one token at a
-    time, reading the logits after each. KLD(source || deployed) is taken on the references' top-k support.
+    time, reading the logits after each. KLD(source || deployed) is taken over the whole vocabulary.
     One token at a time, because that is how the deployed model answers: in one multi-token pass the answer's
     positions would run the prefill kernels instead (int8 activations quantized per tensor over the whole
     sequence), which moved the 0.5B-shaped model's figures by up to 1e-3 relative. ``model``: the
@@ -557,12 +829,7 @@ def score(
     if model is None:
         model = _load_model(folder, threads)
     tokenizer = og.Tokenizer(model)
-    offsets = references.offsets
     rows: list[PromptFidelity] = []
-    all_kld: list[NDArray[np.float64]] = []
-    agreed_total = exact_total = 0
-    nll_source = 0.0
-    nll_deployed = 0.0
     progress(f"scoring fidelity on {len(references.answer_ids)} prompts")
     for i, (prompt_ids, answer) in enumerate(zip(references.prompt_ids, references.answer_ids, strict=True)):
         generator = _generator(og, model, len(prompt_ids) + len(answer))
@@ -578,58 +845,68 @@ def score(
             ) from None
         finally:
             del generator
-        span = slice(offsets[i], offsets[i + 1])
         stacked = np.stack(logits)
-        if stacked.shape[1] <= int(references.topk_ids[span].max()):
+        if stacked.shape[1] < references.logprobs.shape[1]:
             raise FidelityError(
-                f"{folder}: vocabulary of {stacked.shape[1]} tokens, but the source's answer uses token ids up to "
-                f"{int(references.topk_ids[span].max())}: the deployed model is not built from this source"
+                f"{folder}: vocabulary of {stacked.shape[1]} tokens, but the source's has "
+                f"{references.logprobs.shape[1]}: the deployed model is not built from this source"
             )
-        top = stacked.max(axis=1, keepdims=True)
-        shifted = np.exp(stacked - top)  # one exp pass over the vocabulary serves both normalisers
-        logq = stacked - (top + np.log(shifted.sum(axis=1, keepdims=True)))
-        kld = _kld(references, span, logq, shifted)
-        tokens = np.array(answer, dtype=np.int64)
-        deployed_top = logq.argmax(axis=1)
-        exact = deployed_top == tokens
-        agree = exact | _near_tie(references, span, deployed_top)
-        disagree = np.flatnonzero(~exact)
-        source_nll = -float(references.token_logprob[span].astype(np.float64).sum())
-        deployed_nll = -float(logq[np.arange(len(tokens)), tokens].sum())
-        rows.append(
-            PromptFidelity(
-                index=i,
-                prompt=references.prompts[i],
-                reference_answer=references.answer_texts[i],
-                positions=len(tokens),
-                agreed=int(agree.sum()),
-                first_divergence=int(disagree[0]) if disagree.size else None,
-                mean_kld=float(kld.mean()),
-                max_kld=float(kld.max()),
-                reference_nll=source_nll,
-                deployed_nll=deployed_nll,
-                runtime_prompt_match=_runtime_prompt_match(tokenizer, references.messages[i], prompt_ids),
-                exact=int(exact.sum()),
-            )
-        )
-        all_kld.append(kld)
-        agreed_total += int(agree.sum())
-        exact_total += int(exact.sum())
-        nll_source += source_nll
-        nll_deployed += deployed_nll
-    klds = np.concatenate(all_kld)
-    positions = int(klds.size)
+        match = _runtime_prompt_match(tokenizer, references.messages[i], prompt_ids)
+        text = _runtime_text(tokenizer, references, i)
+        rows.append(compare(references, i, stacked, runtime_prompt_match=match, runtime_text=text))
     seconds = time.perf_counter() - start
     progress(f"fidelity scored in {seconds:.1f}s")
+    return combine(rows, score_seconds=seconds, references_key=references.key)
+
+
+def compare(
+    references: References,
+    i: int,
+    logits: NDArray[np.float64],
+    *,
+    runtime_prompt_match: bool | None = None,
+    runtime_text: str | None = None,
+) -> PromptFidelity:
+    """Prompt ``i``'s figures from the deployed model's logits at each of its answer positions (positions x vocab)."""
+    import numpy as np
+
+    span = slice(references.offsets[i], references.offsets[i + 1])
+    logq = _log_softmax(np.asarray(logits, dtype=np.float64))
+    kld = _kld(references, span, logq)
+    tokens = np.array(references.answer_ids[i], dtype=np.int64)
+    deployed_top = logq.argmax(axis=1)
+    exact = deployed_top == tokens
+    agree = exact | _near_tie(references, span, deployed_top)
+    disagree = np.flatnonzero(~exact)
+    return PromptFidelity(
+        index=i,
+        prompt=references.prompts[i],
+        reference_answer=references.answer_texts[i],
+        positions=len(tokens),
+        agreed=int(agree.sum()),
+        first_divergence=int(disagree[0]) if disagree.size else None,
+        mean_kld=float(kld.mean()),
+        max_kld=float(kld.max()),
+        reference_nll=-float(references.token_logprob[span].astype(np.float64).sum()),
+        deployed_nll=-float(logq[np.arange(len(tokens)), tokens].sum()),
+        runtime_prompt_match=runtime_prompt_match,
+        exact=int(exact.sum()),
+        runtime_text=runtime_text,
+    )
+
+
+def combine(rows: Sequence[PromptFidelity], *, score_seconds: float = 0.0, references_key: str = "") -> FidelityResult:
+    """All prompts' figures together, each position weighing the same."""
+    positions = sum(r.positions for r in rows)
     return FidelityResult(
         prompts=tuple(rows),
-        top1_agreement=agreed_total / positions,
-        mean_kld=float(klds.mean()),
-        max_kld=float(klds.max()),
-        perplexity_ratio=math.exp((nll_deployed - nll_source) / positions),
-        score_seconds=seconds,
-        references_key=references.key,
-        top1_exact=exact_total / positions,
+        top1_agreement=sum(r.agreed for r in rows) / positions,
+        mean_kld=sum(r.mean_kld * r.positions for r in rows) / positions,
+        max_kld=max(r.max_kld for r in rows),
+        perplexity_ratio=math.exp(sum(r.deployed_nll - r.reference_nll for r in rows) / positions),
+        score_seconds=score_seconds,
+        references_key=references_key,
+        top1_exact=sum(r.exact for r in rows) / positions,
     )
 
 
@@ -649,34 +926,27 @@ def _near_tie(references: References, span: slice, deployed_top: NDArray[Any]) -
     return near
 
 
-def _kld(
-    references: References,
-    span: slice,
-    logq: NDArray[np.float64],
-    shifted: NDArray[np.float64] | None = None,
-) -> NDArray[np.float64]:
-    """KL(source || deployed) per position over the top-k tokens plus one bucket for the rest. ``shifted``:
-    exp(logits - their max) per position when the caller has it (any per-row shift will do), so the rest's
-    mass is summed directly (not 1 - the top-k's: that would cancel where the top k hold nearly all of it)."""
+def _log_softmax(logits: NDArray[np.float64]) -> NDArray[np.float64]:
     import numpy as np
 
-    if shifted is None:
-        shifted = np.exp(logq - logq.max(axis=1, keepdims=True))
+    top = logits.max(axis=1, keepdims=True)
+    out: NDArray[np.float64] = logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
+    return out
 
-    ids = references.topk_ids[span].astype(np.int64)
-    logp_top = references.topk_logprobs[span].astype(np.float64)
-    logp_rest = references.rest_logprob[span].astype(np.float64)
-    rows = np.arange(ids.shape[0])[:, None]
-    logq_top = logq[rows, ids]
-    rest = shifted.copy()
-    rest[rows, ids] = 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logq_rest = np.log(rest.sum(axis=1)) - np.log(shifted.sum(axis=1))
-        top_terms = (np.exp(logp_top) * (logp_top - logq_top)).sum(axis=1)
-        outside = np.isfinite(logp_rest) & np.isfinite(logq_rest)  # no tokens outside the top k: no bucket
-        rest_terms = np.where(outside, np.exp(logp_rest) * (logp_rest - logq_rest), 0.0)
-    # The stored log-probabilities are float32: clamp the rounding's tiny negatives.
-    kld: NDArray[np.float64] = np.maximum(top_terms + rest_terms, 0.0)
+
+def _kld(references: References, span: slice, logq: NDArray[np.float64]) -> NDArray[np.float64]:
+    """KL(source || deployed) per position, over the whole vocabulary. ``logq``: the deployed log-probabilities;
+    a deployed vocabulary wider than the source's (padding) counts in their normaliser, and its extra tokens,
+    which the source never gives mass, add nothing to the sum."""
+    import numpy as np
+
+    # The stored float16 log-probabilities, renormalised so that the rounded distribution sums to one.
+    logp = _log_softmax(np.asarray(references.logprobs[span], dtype=np.float64))
+    p = np.exp(logp)
+    with np.errstate(invalid="ignore"):  # p = 0 where logp = -inf: no term
+        terms = np.where(p > 0, p * (logp - logq[:, : logp.shape[1]]), 0.0)
+    # Rounding leaves tiny negatives where the two agree: clamp them.
+    kld: NDArray[np.float64] = np.maximum(terms.sum(axis=1), 0.0)
     return kld
 
 
@@ -688,6 +958,17 @@ def _runtime_prompt_match(tokenizer: Any, messages: Sequence[Message], prompt_id
     except Exception:  # a template ORT GenAI cannot render: unknown, not a mismatch
         return None
     return ids == list(prompt_ids)
+
+
+def _runtime_text(tokenizer: Any, references: References, i: int) -> str | None:
+    """The deployed pipeline's text for the source's answer ids (without the end token), decoded as the runtime
+    decodes its own answers (``OrtGenaiBackend.decode``, :func:`deployed_answers`)."""
+    answer = references.answer_ids[i]
+    body = list(answer[:-1] if answer and answer[-1] in references.eos_token_ids else answer)
+    try:
+        return str(tokenizer.decode(body)) if body else ""
+    except Exception:  # the native library raises plain RuntimeError: unknown, not a mismatch
+        return None
 
 
 def deployed_answers(

@@ -82,7 +82,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "fidelity_max_mean_kld": (0.1, "mean KL divergence from the source's next-token distributions (nats/token)"),
     "fidelity_min_identical": (0.0, "share of answers that must be token for token the source's (0: not gated)"),
     "fidelity_max_new_tokens": (32, "length of the source's reference answers, in tokens"),
-    "fidelity_max_prompts": (24, "prompts scored: the domain cases first, then the built-in prompts"),
+    "fidelity_max_prompts": (64, "prompts scored: the domain cases first, then the built-in prompts"),
     "benchmark_rounds": (3, "timed generations per benchmark at least (after warm-up; the length sweep's count)"),
     "benchmark_max_rounds": (20, "most timed generations per benchmark, while a gated figure's spread asks for more"),
     "benchmark_seconds": (20, "time budget in seconds of the rounds past the minimum, per benchmark"),
