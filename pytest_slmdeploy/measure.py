@@ -34,6 +34,37 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+_MALLINFO2_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (*_MALLINFO2_FIELDS, "keepcost")]
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None).mallinfo2  # glibc 2.33 and later
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+def malloc_in_use_bytes() -> int:
+    """Bytes the C allocator has handed out and not had back, over all its arenas (glibc's ``mallinfo2``): a
+    leak of native memory adds to it at once, while pages the allocator keeps, reuses or returns between calls
+    do not move it. 0 where the allocator cannot tell (then only RSS is evidence). Python's small objects live
+    in arenas of their own, outside it."""
+    info = _mallinfo2()
+    if info is None:
+        return 0
+    result = info()
+    return int(result.uordblks + result.hblkhd)
+
+
 def in_use_rss_bytes() -> int:
     """RSS once the C allocator has handed its free pages back (glibc's ``malloc_trim``): what is left is
     memory in use, so a small leak shows at once instead of first filling pages freed earlier (a leak of 24 kB

@@ -121,21 +121,32 @@ class SoakVerdict:
 
 
 def session_series(samples: Sequence[RssSample], *, warmup: int) -> tuple[int, ...]:
-    """RSS attributable to the session's generations, from every generation's :class:`RssSample` after
-    ``warmup``: each generation's own growth (RSS after it against before it, a test's first generation's
-    included), and not what the caller does between generations (a test's own work, loading a second model).
-    As the one explicit warm-up past ``warmup``, a generation that processes a longer sequence than any
-    before it may grow its buffers once. The series starts at the first sample's RSS and adds the counted
-    growth, so a leak in every generation, or in each test's first, rises steadily."""
+    """Memory attributable to the session's generations, from every generation's :class:`RssSample` after
+    ``warmup``: each generation's own growth (after it against before it, a test's first generation's
+    included), not what the caller does between generations (a test's own work, loading a second model). The
+    measure is the C allocator's bytes in use where it can tell (every sample has them), else RSS: a
+    generation's buffers land on pages freed by other work in between, or on fresh ones, which moves RSS
+    but not the bytes in use. As the one explicit warm-up past ``warmup``, a generation that processes a
+    longer sequence than any before it may grow its buffers once. The series starts at the first sample's
+    value and adds the counted growth, so a leak in every generation, or in each test's first, rises
+    steadily."""
     kept = list(samples[warmup:])
     if not kept:
         return ()
+    heap = all(sample.heap for sample in kept)
+
+    def after(sample: RssSample) -> int:
+        return sample.heap if heap else sample.rss
+
+    def before(sample: RssSample) -> int:
+        return sample.heap_before if heap else sample.rss_before
+
     longest = max(sample.tokens for sample in samples[: warmup + 1])
-    series = [kept[0].rss]
+    series = [after(kept[0])]
     for current in kept[1:]:
         counted = current.tokens <= longest
         longest = max(longest, current.tokens)
-        series.append(series[-1] + (current.rss - current.rss_before if counted else 0))
+        series.append(series[-1] + (after(current) - before(current) if counted else 0))
     return tuple(series)
 
 

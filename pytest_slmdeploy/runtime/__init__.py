@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pytest_slmdeploy.errors import SettingsError
-from pytest_slmdeploy.measure import rss_bytes
+from pytest_slmdeploy.measure import malloc_in_use_bytes, rss_bytes
 from pytest_slmdeploy.runtime.protocol import (
     Backend,
     Generation,
@@ -38,7 +38,8 @@ class RssSample(NamedTuple):
     """This process's RSS right after a generation; ``segment`` tells generations made one after the other
     (in one test) from those with other work in between, ``tokens`` how long a sequence it processed (of which
     ``new_tokens`` generated), ``rss_before`` the RSS when it started, ``request`` its key in
-    :attr:`SlmModel.requests` (so the memory family can replay the session's own kinds of request)."""
+    :attr:`SlmModel.requests` (so the memory family can replay the session's own kinds of request), ``heap`` and
+    ``heap_before`` the C allocator's bytes in use after and before it."""
 
     segment: int
     tokens: int
@@ -46,6 +47,8 @@ class RssSample(NamedTuple):
     rss_before: int = 0
     new_tokens: int = 0
     request: str = ""
+    heap: int = 0  # the C allocator's bytes in use after the generation (0: unknown), see malloc_in_use_bytes
+    heap_before: int = 0
 
 
 class Request(NamedTuple):
@@ -96,14 +99,16 @@ class SlmModel:
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, min_new_tokens=min_new_tokens,
         )  # fmt: skip
-        before = rss_bytes()
+        before, heap_before = rss_bytes(), malloc_in_use_bytes()
         generation = self.backend.generate(prompt, options, system=system)
-        after = rss_bytes()
+        after, heap = rss_bytes(), malloc_in_use_bytes()
         key = request_key(prompt, system, options)
         if key not in self.requests:  # kept once: repeating a request must not grow the log's memory
             self.requests[key] = Request(tuple(tuple(sorted(m.items())) for m in as_messages(prompt, system)), options)
         tokens = generation.prompt_tokens + generation.new_tokens
-        self.memory_log.append(RssSample(self.segment, tokens, after, before, generation.new_tokens, key))
+        self.memory_log.append(
+            RssSample(self.segment, tokens, after, before, generation.new_tokens, key, heap, heap_before)
+        )
         return generation
 
     def answer(self, prompt: PromptInput, *, max_new_tokens: int = 128, system: str | None = None) -> Generation:
