@@ -601,8 +601,8 @@ class FidelityLimits:
         return found
 
     def violations(self, result: FidelityResult) -> tuple[str, ...]:
-        """One phrase per limit the result decidedly breaks (the ladder rejects a rung on them). An undecided
-        limit is not one: see :meth:`checks` and :meth:`verdict`."""
+        """One phrase per limit the result decidedly breaks. An undecided limit is not one (the ladder rejects a
+        rung on those too): see :meth:`checks` and :meth:`verdict`."""
         return tuple(phrase for verdict, phrase in self.checks(result) if verdict == "fail")
 
     def verdict(self, result: FidelityResult) -> Verdict:

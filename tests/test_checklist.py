@@ -307,9 +307,7 @@ def test_session_series_reads_the_allocators_bytes_in_use_where_known() -> None:
     """On the real model the session's RSS rose 25 kB per generation with no leak (a generation's buffers landing
     on fresh pages after other work freed its own), and the verdict was inconclusive; the bytes in use did not."""
     mb = 1_000_000
-    samples = [
-        RssSample(1, 10, (100 + i) * mb, (100 + i) * mb - 25_000, 8, "", 50 * mb, 50 * mb) for i in range(12)
-    ]
+    samples = [RssSample(1, 10, (100 + i) * mb, (100 + i) * mb - 25_000, 8, "", 50 * mb, 50 * mb) for i in range(12)]
     assert memory.session_series(samples, warmup=2) == (50 * mb,) * 10
     unknown = [sample._replace(heap=0, heap_before=0) for sample in samples]
     assert memory.session_series(unknown, warmup=2)[-1] == 102 * mb + 9 * 25_000  # RSS, where the heap is unknown

@@ -397,7 +397,7 @@ def test_a_pass_on_thin_evidence_is_inconclusive() -> None:
     thin = _result([14, 14, 14], positions=14)  # 42 tokens, all agreeing
     assert limits.verdict(thin) == "inconclusive"
     assert not thin.passes(limits)
-    assert not limits.violations(thin)  # nothing decidedly broken: the ladder may take it, the suite says so
+    assert not limits.violations(thin)  # nothing decidedly broken, yet no rung ships on it (checks, below)
     ((verdict, phrase),) = limits.checks(thin)
     assert verdict == "inconclusive"
     assert phrase.startswith("top-1 agreement 100.0% (95% interval 91.6%-100.0%) straddles 95.0%"), phrase
