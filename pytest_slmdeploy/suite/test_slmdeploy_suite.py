@@ -326,7 +326,7 @@ def test_benchmark_generation(
 
         per_token, cache = bench.bytes_read_per_token(slm_deployment.entry_dir), bench.last_level_cache_bytes()
         if per_token <= cache:  # decoding reads the weights from the cache: no memory bound to compare with
-            slm_figure("bandwidth efficiency %", f"n/a: {per_token / 1e6:.2g} MB read per token fit the "
+            slm_figure("bandwidth efficiency", f"n/a: {per_token / 1e6:.2g} MB read per token fit the "
                                                  f"{cache / 2**20:g} MiB CPU cache")  # fmt: skip
             return
         threads = slm_session(request.config).settings.threads or os.cpu_count() or 1  # the runtime's threads
