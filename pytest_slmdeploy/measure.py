@@ -65,6 +65,15 @@ def malloc_in_use_bytes() -> int:
     return int(result.uordblks + result.hblkhd)
 
 
+def cpus_busy_elsewhere(seconds: float = 0.3) -> float:
+    """How many CPUs' worth of work other processes did over the next ``seconds`` (this one's own use left
+    out): a background job, another CI step."""
+    own = psutil.Process()
+    own.cpu_percent(None)
+    total = psutil.cpu_percent(interval=seconds) * (psutil.cpu_count() or 1) / 100
+    return max(0.0, total - own.cpu_percent(None) / 100)
+
+
 def in_use_rss_bytes() -> int:
     """RSS once the C allocator has handed its free pages back (glibc's ``malloc_trim``): what is left is
     memory in use, so a small leak shows at once instead of first filling pages freed earlier (a leak of 24 kB

@@ -16,7 +16,15 @@ import pytest
 
 from pytest_slmdeploy import hookspecs
 from pytest_slmdeploy.items import DEFAULT_CASE_PATTERNS, CaseFile, CaseItem, is_case_file, model_case_files
-from pytest_slmdeploy.settings import AUTO_PRECISION, BACKENDS, FOUNDRY_MODES, LIMITS, PRECISIONS, Settings
+from pytest_slmdeploy.settings import (
+    AUTO_PRECISION,
+    BACKENDS,
+    FOUNDRY_MODES,
+    LIMITS,
+    PRECISIONS,
+    SPINNING_MODES,
+    Settings,
+)
 
 if TYPE_CHECKING:
     from pytest_slmdeploy.session import SlmDeploySession
@@ -73,6 +81,9 @@ _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("--slm-threads", "slm_threads", "string",
      "ONNX Runtime GenAI threads per model: auto (the CPUs this process may use, shared among xdist workers; "
      "default), N, or 0 for ONNX Runtime GenAI's own default (half the hardware threads).", {"metavar": "auto|N"}),
+    ("--slm-spinning", "slm_spinning", "string",
+     "ONNX Runtime's intra-op spinning: auto (default: off when other processes keep the CPUs busy as the run "
+     "starts, where spinning threads wait on each other), on, off.", {"choices": SPINNING_MODES}),
     ("--slm-report", "slm_report", "string",
      "write the checklist results (families, pass/fail, key figures) as JSON to FILE.", {"metavar": "FILE"}),
     ("--slm-bench-save", "slm_bench_save", "bool",

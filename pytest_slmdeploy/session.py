@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pytest_slmdeploy import measure
 from pytest_slmdeploy.bench import DEFAULT_GATES, Gate, metrics_of
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
@@ -20,6 +21,8 @@ from pytest_slmdeploy.errors import BuildError, SlmDeployError, describe
 from pytest_slmdeploy.plugin import NO_MODEL
 from pytest_slmdeploy.report import FAMILY_PROPERTY, FamilyResult, GateResult, RunReport, family_of
 from pytest_slmdeploy.settings import AUTO_PRECISION, Settings
+
+BUSY_CPUS = 0.5  # other processes' CPU use at the start of a run from which ONNX Runtime's threads stop spinning
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
 GATE_ITEM_ID = "slmdeploy::benchmark_gates"
@@ -54,6 +57,28 @@ class SlmDeploySession:
         self.ladder: Any = None  # the precision ladder's result (ladder.Ladder) with --slm-precision auto
         self._fidelity: dict[tuple[Path, str], Any] = {}  # (entry, references key) -> FidelityResult
         self.shared_runs: dict[tuple[str, int], list[Any]] = {}  # (prompt, new tokens) -> the length sweep's rounds
+        self._spinning: tuple[bool, str] | None = None
+
+    def spinning(self) -> tuple[bool, str]:
+        """Whether ONNX Runtime GenAI's threads spin while they wait, and why: ``slm_spinning``, and with ``auto``
+        (the default) off when other processes already keep a CPU or more busy as the run starts. Spinning is
+        fastest on a quiet machine (SmolLM2 int4-mixed, 2 threads: 140 against 114 tok/s) and slowest beside two
+        busy processes (61 against 92 tok/s); decided once, so every figure of the run is taken alike."""
+        if self._spinning is None:
+            mode = self.settings.spinning
+            if mode != "auto":
+                self._spinning = (mode == "on", f"slm_spinning = {mode}")
+            else:
+                busy = measure.cpus_busy_elsewhere()
+                quiet = busy < BUSY_CPUS
+                self._spinning = (quiet, f"other processes used {busy:.1f} CPUs as the run started")
+        return self._spinning
+
+    def _threads_label(self) -> str:
+        if self.settings.backend == "foundry":  # the SDK takes no thread setting: ORT GenAI's default for the entry
+            return "Foundry Local's threads"
+        spinning, why = self.spinning()
+        return f"{_threads_text(self.settings)}, spinning {'on' if spinning else 'off'} ({why})"
 
     def bench_precision(self) -> dict[str, float]:
         """How precise the history's figures must be: as the gates need them when this run is judged against a
@@ -195,8 +220,9 @@ class SlmDeploySession:
 
         deployment = self.deployment()
         try:
+            spinning = self.spinning()[0] if backend == "ort-genai" else None
             return open_model(backend, deployment.entry_dir, cache_root=self.cache.root, model_name=deployment.name,
-                              threads=self.settings.threads)  # fmt: skip
+                              threads=self.settings.threads, spinning=spinning)  # fmt: skip
         except SlmDeployError as exc:
             pytest.fail(f"slmdeploy: {exc}", pytrace=False)
 
@@ -243,7 +269,7 @@ class SlmDeploySession:
             f"slmdeploy: {plan.source.path} ({plan.source.architecture}) -> {plan.name} [{self._precision_label()}]",
             f"slmdeploy: cache {plan.cache.entry_dir(plan.name)}: {status}",
             f"slmdeploy: fingerprint {plan.source_fingerprint[:12]}, {tools}, CPUExecutionProvider, "
-            f"backend {self.settings.backend}, {_threads_label(self.settings)}",
+            f"backend {self.settings.backend}, {self._threads_label()}",
         ]
 
     @pytest.hookimpl(trylast=True)
@@ -340,8 +366,6 @@ class SlmDeploySession:
         """``peak_rss_mb``: the installed model alone in a fresh process, once per session (measure.model_alone);
         the pytest process also holds Olive, torch and the source model, so its own peak is no model figure."""
         if self._alone is None:
-            from pytest_slmdeploy import measure
-
             try:
                 figures = measure.model_alone(entry_dir, rounds=1, threads=self.settings.threads)
                 self._alone = {"peak_rss_mb": figures["peak_rss_mb"]}
@@ -550,9 +574,7 @@ class BenchmarkGatesItem(pytest.Item):
         return self.path, None, GATE_ITEM_ID
 
 
-def _threads_label(settings: Settings) -> str:
-    if settings.backend == "foundry":  # the SDK takes no thread setting: ORT GenAI's default for the entry
-        return "Foundry Local's threads"
+def _threads_text(settings: Settings) -> str:
     if not settings.threads:
         return "ONNX Runtime GenAI's default threads"
     return f"{settings.threads} thread{'s' if settings.threads != 1 else ''}"

@@ -16,6 +16,7 @@ PRECISIONS = ("int4", "int4-mixed", "int8", "fp32", "fp16")
 AUTO_PRECISION = "auto"  # the precision ladder: the smallest recipe that keeps the source's answers
 BACKENDS = ("ort-genai", "foundry")
 FOUNDRY_MODES = ("auto", "yes", "no")
+SPINNING_MODES = ("auto", "on", "off")
 CHAT_TEMPLATE_BUILTINS = ("auto", "chatml")
 CACHE_ENV = "SLMDEPLOY_CACHE"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -149,6 +150,7 @@ class Settings:
     trust_remote_code: bool = False
     lock_timeout: float = 1800.0
     threads: int = field(default_factory=auto_threads)  # ONNX Runtime GenAI intra-op threads (0: its own default)
+    spinning: str = "auto"  # ONNX Runtime's intra-op spinning: auto (off on a busy machine), on, off
     suite: bool = True
     fail_inconclusive: bool = False
     report: Path | None = None
@@ -242,6 +244,7 @@ def resolve_settings(
         trust_remote_code=_as_bool("slm_trust_remote_code", get("slm_trust_remote_code") or False),
         lock_timeout=lock_timeout,
         threads=threads,
+        spinning=_choice("slm_spinning", text("slm_spinning", "auto").lower(), SPINNING_MODES),
         suite=_as_bool("slm_suite", True if get("slm_suite") is None else get("slm_suite")),
         fail_inconclusive=_as_bool("slm_fail_inconclusive", get("slm_fail_inconclusive") or False),
         report=path("slm_report"),

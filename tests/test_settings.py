@@ -68,6 +68,13 @@ def test_default_names_and_cache() -> None:
     assert default_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/slmdeploy")
 
 
+def test_spinning_setting() -> None:
+    assert _resolve({}).spinning == "auto"  # type: ignore[attr-defined]
+    assert _resolve({"slm_spinning": "OFF"}).spinning == "off"  # type: ignore[attr-defined]
+    with pytest.raises(SettingsError, match="slm_spinning"):
+        _resolve({"slm_spinning": "sometimes"})
+
+
 def test_threads() -> None:
     cpus = len(os.sched_getaffinity(0))
     assert _resolve({}).threads == cpus  # type: ignore[attr-defined]

@@ -129,14 +129,21 @@ class SlmModel:
 
 
 def open_model(
-    backend: str, model_dir: Path, *, cache_root: Path, model_name: str, threads: int | None = None
+    backend: str,
+    model_dir: Path,
+    *,
+    cache_root: Path,
+    model_name: str,
+    threads: int | None = None,
+    spinning: bool | None = None,
 ) -> SlmModel:
     """Load the installed model with ``backend`` (``ort-genai`` or ``foundry``); ``threads``: ONNX Runtime
-    GenAI's intra-op threads (None: the CPUs this process may use; 0: ONNX Runtime GenAI's default)."""
+    GenAI's intra-op threads (None: the CPUs this process may use; 0: ONNX Runtime GenAI's default);
+    ``spinning``: its intra-op threads spin while they wait (None: ONNX Runtime's default, on)."""
     if backend == "ort-genai":
         from pytest_slmdeploy.runtime.ortgenai import OrtGenaiBackend
 
-        return SlmModel(OrtGenaiBackend(model_dir, threads))
+        return SlmModel(OrtGenaiBackend(model_dir, threads, spinning))
     if backend == "foundry":
         from pytest_slmdeploy.runtime.foundrylocal import FoundryLocalBackend
 

@@ -12,19 +12,24 @@ from pytest_slmdeploy.runtime.protocol import Generation, GenerationOptions, Pro
 from pytest_slmdeploy.settings import auto_threads
 
 
-def load_native(model_dir: Path, threads: int | None = None) -> Any:
+def load_native(model_dir: Path, threads: int | None = None, spinning: bool | None = None) -> Any:
     """``onnxruntime_genai.Model`` of ``model_dir`` with ``threads`` intra-op threads (None: :func:`auto_threads`;
-    0: ONNX Runtime GenAI's own default). The installed files are not changed: the setting is overlaid in memory.
+    0: ONNX Runtime GenAI's own default) and intra-op ``spinning`` on or off (None: ONNX Runtime's default, on).
+    The installed files are not changed: the settings are overlaid in memory.
 
     ONNX Runtime GenAI's default is half the hardware threads (at most 16), which is 1 on a 2-vCPU machine:
-    decode at 60% of the speed two threads give."""
+    decode at 60% of the speed two threads give. Spinning threads wait for each other at every operator: fastest
+    on a quiet machine, and 2.3x slower beside two busy processes (scripts/threads_under_load.py)."""
     import onnxruntime_genai as og
 
     count = auto_threads() if threads is None else threads
-    if count <= 0:
+    options: dict[str, object] = {"intra_op_num_threads": count} if count > 0 else {}
+    if spinning is not None:  # a session config entry: ONNX Runtime GenAI passes unknown string keys on
+        options["session.intra_op.allow_spinning"] = "1" if spinning else "0"
+    if not options:
         return og.Model(str(model_dir))
     config = og.Config(str(model_dir))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": count}}}}))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     return og.Model(config)
 
 
@@ -33,12 +38,12 @@ class OrtGenaiBackend:
 
     name = "ort-genai"
 
-    def __init__(self, model_dir: Path, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, threads: int | None = None, spinning: bool | None = None) -> None:
         import onnxruntime_genai as og
 
         self._og = og
         try:
-            self.model = load_native(model_dir, threads)
+            self.model = load_native(model_dir, threads, spinning)
             self.tokenizer = og.Tokenizer(self.model)
         except Exception as exc:  # the native library raises plain RuntimeError with its own text
             raise RuntimeBackendError(f"ONNX Runtime GenAI cannot load {model_dir}: {exc}") from None
