@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -190,9 +191,24 @@ def test_edge_outcomes() -> None:
     assert edge.survive(refuses_empty, "", 4).refused == "the runtime refuses a request without message text"
 
 
+def _sampler(*, seed_used: bool = True, top_k_used: bool = True, top_p_used: bool = True) -> Callable[..., Generation]:
+    """A runtime whose sampling follows the settings it is told to use: a narrowed (top_k=1, tiny top_p) hot
+    sample is the greedy answer, a seed picks the answer."""
+
+    def generate(
+        prompt: str, max_new_tokens: int, do_sample: bool = False, seed: int = 0, top_k: int = 50, top_p: float = 1.0,
+        **_: object,
+    ) -> Generation:  # fmt: skip
+        narrowed = (top_k_used and top_k == 1) or (top_p_used and top_p < 0.01)
+        if not do_sample or narrowed:
+            return gen("greedy")
+        return gen(f"sampled {seed if seed_used else 42}")
+
+    return generate
+
+
 def test_sampling_check() -> None:
-    def honest(prompt: str, max_new_tokens: int, do_sample: bool = False, seed: int = 0, **_: object) -> Generation:
-        return gen(f"sampled {seed}" if do_sample else "greedy")
+    honest = _sampler()
 
     def greedy_only(prompt: str, max_new_tokens: int, **_: object) -> Generation:
         return gen("greedy")
@@ -207,6 +223,22 @@ def test_sampling_check() -> None:
     assert "the same seed gave different answers" in edge.check_sampling(unseeded, "Hi").problems[0]
     stubborn = edge.check_sampling(greedy_only, "Hi", temperature=2.0)
     assert len(stubborn.by_seed) == 24, "a low temperature cap gets more seeds before the verdict"
+
+
+@pytest.mark.parametrize(
+    ("runtime", "found"),
+    [
+        ({"seed_used": False}, "the seed does not reach the runtime"),
+        ({"top_k_used": False}, "top_k does not reach the runtime"),
+        ({"top_p_used": False}, "top_p does not reach the runtime"),
+    ],
+)
+def test_sampling_check_finds_one_setting_dropped(runtime: dict[str, bool], found: str) -> None:
+    """Issue 21, item 9: the check passed a runtime that ignores seed (a fixed one), top_p or top_k: it only
+    asked that a seed repeat and that hot answers not all be greedy."""
+    problems = edge.check_sampling(_sampler(**runtime), "Hi").problems
+    assert len(problems) == 1, problems
+    assert found in problems[0]
 
 
 def test_soak_verdicts() -> None:

@@ -258,6 +258,90 @@ def test_runtime_ignoring_sampling_fails_edge(pytester: pytest.Pytester, tiny_mo
     result.assert_outcomes(passed=1, failed=1)
 
 
+# A runtime that drops one sampling setting on the way (the seed: a fixed one), the others reaching it.
+DROPS_ONE_SETTING = """
+import pytest
+
+class Drops:
+    def __init__(self, model):
+        self.model, self.backend = model, model.backend
+
+    def generate(self, prompt, **kwargs):
+        if kwargs.get("do_sample"):
+            {drop}
+        return self.model.generate(prompt, **kwargs)
+
+@pytest.fixture(scope="session")
+def slm_model(request):
+    from pytest_slmdeploy.plugin import slm_session
+    return Drops(slm_session(request.config).model())
+"""
+DROPS = {
+    "seed": 'kwargs["seed"] = 42',
+    "top_k": 'kwargs.pop("top_k", None)',
+    "top_p": 'kwargs.pop("top_p", None)',
+}
+
+
+@pytest.mark.parametrize("setting", DROPS)
+def test_runtime_dropping_one_sampling_setting_fails_only_edge(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, setting: str
+) -> None:
+    """Issue 21, item 9: the sampling check passed a runtime that ignores the seed, top_p or top_k. The whole suite
+    runs; only the sampling check fails, naming the setting."""
+    pytester.makeconftest(DROPS_ONE_SETTING.format(drop=DROPS[setting]))
+    result = _run(pytester, tiny_model, warm_cache)
+    result.stdout.fnmatch_lines([f"*{setting} does not reach the runtime*", "FAIL *5. Handles edge cases*"])
+    failed = {line.split()[1] for line in result.stdout.lines if line.startswith("FAILED")}
+    assert failed == {"slmdeploy::test_sampling_settings_reach_the_runtime"}, result.stdout.str()[-3000:]
+
+
+# A runtime whose prefill or decode slows with the prompt beyond what the lengths family allows: it really waits,
+# and reports the time it took. About twice the limit at 495 prompt tokens on the tiny model (TTFT allowed about
+# 60 ms, time per token about 0.6 ms), within it at 128.
+SLOW_WITH_LENGTH = """
+import dataclasses, time
+import pytest
+
+class SlowWithLength:
+    def __init__(self, model):
+        self.model, self.backend = model, model.backend
+
+    def generate(self, prompt, **kwargs):
+        answer = self.model.generate(prompt, **kwargs)
+        n = answer.prompt_tokens
+        first, step = {first}, {step}
+        time.sleep(first + step * len(answer.step_s))
+        return dataclasses.replace(
+            answer, ttft_s=answer.ttft_s + first, total_s=answer.total_s + first + step * len(answer.step_s),
+            step_s=tuple(s + step for s in answer.step_s),
+        )
+
+@pytest.fixture(scope="session")
+def slm_model(request):
+    from pytest_slmdeploy.plugin import slm_session
+    return SlowWithLength(slm_session(request.config).model())
+"""
+SLOWDOWNS = {
+    "prefill grows with the square of the prompt": ("4.9e-7 * n * n", "0", "TTFT at *"),
+    "decode slows with the prompt": ("0", "2.4e-6 * n", "time per decoded token at *"),
+}
+
+
+@pytest.mark.parametrize("slowdown", SLOWDOWNS)
+def test_runtime_slowing_with_length_fails_only_lengths(
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, slowdown: str
+) -> None:
+    """Issue 21, item 8: the lengths timing rules were never shown to fail a timing defect. The whole suite runs
+    beside a runtime that slows about 2x past the limit at the longest prompt; only the lengths check fails."""
+    first, step, said = SLOWDOWNS[slowdown]
+    pytester.makeconftest(SLOW_WITH_LENGTH.format(first=first, step=step))
+    result = _run(pytester, tiny_model, warm_cache)
+    result.stdout.fnmatch_lines([f"*fail: {said}", "FAIL *4. Consistent performance across input lengths*"])
+    failed = {line.split()[1] for line in result.stdout.lines if line.startswith("FAILED")}
+    assert failed == {"slmdeploy::test_every_length_works_and_scales"}, result.stdout.str()[-3000:]
+
+
 @pytest.mark.parametrize("declared", [False, True], ids=["cut-off", "declared"])
 def test_answers_cut_at_a_case_limit_count_in_the_stop_rate(
     pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, declared: bool

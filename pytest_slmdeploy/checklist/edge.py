@@ -88,6 +88,7 @@ class SamplingCheck:
     greedy: str
     same_seed: tuple[str, str]
     by_seed: tuple[str, ...]
+    narrowed: tuple[tuple[str, str], ...] = ()  # (setting, answer) sampled hot with top_k=1 or a tiny top_p
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -99,6 +100,17 @@ class SamplingCheck:
                 f"{len(self.by_seed)} sampled answers (high temperature, different seeds) all equal the greedy "
                 f"answer {self.greedy!r}: sampling settings do not reach the runtime"
             )
+        elif len(self.by_seed) > 1 and len(set(self.by_seed)) == 1:
+            found.append(
+                f"{len(self.by_seed)} seeds at a high temperature all gave {self.by_seed[0]!r}: the seed does not "
+                "reach the runtime"
+            )
+        for setting, text in self.narrowed:
+            if text != self.greedy:
+                found.append(
+                    f"sampled with {setting} at a high temperature, the answer {text!r} is not the greedy "
+                    f"{self.greedy!r}: {setting.split('=')[0]} does not reach the runtime"
+                )
         return tuple(found)
 
 
@@ -110,22 +122,26 @@ def check_sampling(
     temperature: float = 5.0,
     seeds: Sequence[int] = tuple(range(1, 25)),
 ) -> SamplingCheck:
-    """Greedy once; one seed twice; then seeds at a high temperature until one answer differs from greedy.
+    """Greedy once; one seed twice; then seeds at a high temperature until one answer differs from greedy and
+    two seeds differ from each other; then hot sampling narrowed to the top token by ``top_k=1`` and by a tiny
+    ``top_p``, which must give the greedy answer.
 
     A high temperature flattens any trained answer, so a healthy runtime differs at the first seed or
-    two; only a runtime that drops the settings gives the greedy answer for every seed. Where the runtime
-    caps the temperature lower (Foundry Local: 2.0), more seeds make up for it.
+    two; only a runtime that drops the settings gives the greedy answer for every seed, and one that drops the
+    seed gives every seed the same answer. Where the runtime caps the temperature lower (Foundry Local: 2.0),
+    more seeds make up for it.
     """
 
-    def sample(seed: int) -> str:
-        options = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 50, "seed": seed}
+    def sample(seed: int, top_p: float = 1.0, top_k: int = 50) -> str:
+        options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
         return generate(prompt, max_new_tokens=max_new_tokens, **options).text
 
     greedy = generate(prompt, max_new_tokens=max_new_tokens).text
     same_seed = (sample(seeds[0]), sample(seeds[0]))
     by_seed = [same_seed[0]]
     for seed in seeds[1:]:
-        if by_seed[-1] != greedy:
+        if any(text != greedy for text in by_seed) and len(set(by_seed)) > 1:
             break
         by_seed.append(sample(seed))
-    return SamplingCheck(greedy, same_seed, tuple(by_seed))
+    narrowed = (("top_k=1", sample(seeds[0], top_k=1)), ("top_p=1e-6", sample(seeds[0], top_p=1e-6)))
+    return SamplingCheck(greedy, same_seed, tuple(by_seed), narrowed)
