@@ -258,6 +258,33 @@ def test_runtime_ignoring_sampling_fails_edge(pytester: pytest.Pytester, tiny_mo
     result.assert_outcomes(passed=1, failed=1)
 
 
+# The build writes a PromptTemplate without its system part (the chat template has one).
+DROPPED_TEMPLATE_PART = """
+import pytest_slmdeploy.deploy as deploy
+
+written = deploy.inference_model_json
+
+def without_system(*args, **kwargs):
+    info = written(*args, **kwargs)
+    info["PromptTemplate"].pop("system")
+    return info
+
+deploy.inference_model_json = without_system
+"""
+
+
+def test_prompt_template_missing_a_part_fails_only_the_template_check(
+    pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Issue 21, item 9: the check compared only the conversations the installed PromptTemplate can express, so
+    one that lost its system part passed (system conversations were skipped). The whole suite runs."""
+    pytester.makeconftest(DROPPED_TEMPLATE_PART)
+    result = _run(pytester, tiny_model, tmp_path / "cache")
+    result.stdout.fnmatch_lines(["*PromptTemplate has no 'system' part, which the chat template's has*"])
+    failed = {line.split()[1] for line in result.stdout.lines if line.startswith("FAILED")}
+    assert failed == {"slmdeploy::test_prompt_template_matches_the_model"}, result.stdout.str()[-3000:]
+
+
 # A runtime that drops one sampling setting on the way (the seed: a fixed one), the others reaching it.
 DROPS_ONE_SETTING = """
 import pytest

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_slmdeploy.runtime import Generation
-from pytest_slmdeploy.template import FIXED_DATE, fill_prompt_template, render_chat
+from pytest_slmdeploy.template import FIXED_DATE, derive_prompt_template, fill_prompt_template, render_chat
 
 # Prompts any chat model should answer and end by itself (used with the domain prompts).
 GENERIC_PROMPTS = ("Hello", "What can you help me with?", "Answer in one sentence: what do you do?")
@@ -128,6 +128,18 @@ def _first_difference(ours: Sequence[int], theirs: Sequence[int]) -> str:
     return f"{len(ours)} vs {len(theirs)} tokens, first difference at token {at}"
 
 
+def missing_parts(parts: Mapping[str, str], chat_template: str, tokenizer_config: Mapping[str, object]) -> list[str]:
+    """The parts the chat template's own PromptTemplate has and ``parts`` lacks: the conversations that need them
+    cannot be expressed, and the check below would skip them instead of failing."""
+    derived = derive_prompt_template(chat_template, tokenizer_config).parts
+    found = []
+    for part in sorted(set(derived) - set(parts)):
+        lost = [name for name, (needs, _) in TEMPLATE_CONVERSATIONS.items() if part in needs or part == "prompt"]
+        found.append(f"PromptTemplate has no {part!r} part, which the chat template's has: {', '.join(lost)} "
+                     "conversations cannot be expressed")  # fmt: skip
+    return found
+
+
 def prompt_template_mismatches(
     parts: Mapping[str, str],
     chat_template: str,
@@ -140,7 +152,7 @@ def prompt_template_mismatches(
 
     PromptTemplate is compared at its fixed date (a dated header is written once); the runtime at today's.
     """
-    mismatches = []
+    mismatches = missing_parts(parts, chat_template, tokenizer_config)
     for name, messages in template_conversations(parts).items():
         ours = encode(fill_prompt_template(parts, messages))
         expected = render_chat(
