@@ -223,6 +223,7 @@ def test_every_ini_key_and_cli_precedence(pytester: pytest.Pytester, tiny_model:
         slm_suite = false
         slm_fail_inconclusive = true
         slm_threads = "3"
+        slm_spinning = "off"
         slm_memory_generations = "50"
         slm_lengths_decode_band = "0.25"
         """
@@ -251,16 +252,27 @@ def test_every_ini_key_and_cli_precedence(pytester: pytest.Pytester, tiny_model:
         "fail_inconclusive": "True",
         "report": str(root / "out/report.json"),
         "threads": "3",
+        "spinning": "off",
     }
     other_cache = tmp_path / "cli-cache"
     cli = ("--slm-precision", "fp32", "--slm-cache", str(other_cache), "--slm-name", "from-cli", "--slm-backend")
     pytester.runpytest(
-        *cli, "ort-genai", "--slm-chat-template", "chatml", "--slm-lock-timeout", "3", "--slm-threads", "auto"
+        *cli,
+        "ort-genai",
+        "--slm-chat-template",
+        "chatml",
+        "--slm-lock-timeout",
+        "3",
+        "--slm-threads",
+        "auto",
+        "--slm-spinning",
+        "on",
     ).assert_outcomes(passed=1)
     seen = json.loads((pytester.path / "settings.json").read_text())
     assert (seen["precision"], seen["cache_dir"], seen["name"]) == ("fp32", str(other_cache), "from-cli")
     assert (seen["backend"], seen["chat_template"], seen["lock_timeout"]) == ("ort-genai", "chatml", "3.0")
     assert seen["threads"] == str(auto_threads())
+    assert seen["spinning"] == "on"
 
 
 # Olive runs only in build.run_olive; deploy() is what each process calls once. Appending from every
