@@ -58,6 +58,10 @@ def main() -> int:
     parser.add_argument("--conftest", type=Path, default=None, help="a conftest.py to run with (e.g. a defect)")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
+    # The runs start in a folder of their own: paths given relative to here must still find the model.
+    args.model = args.model.resolve()
+    args.cache = args.cache.resolve() if args.cache else None
+    args.conftest = args.conftest.resolve() if args.conftest else None
     expected_family = args.expect.removeprefix("fail:") if args.expect.startswith("fail:") else None
     with tempfile.TemporaryDirectory(prefix="slmdeploy-load-") as tmp:
         cache = args.cache or Path(tmp) / "cache"
