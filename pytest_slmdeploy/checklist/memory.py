@@ -88,6 +88,10 @@ class SoakResult:
             return True
         return low > limit_bytes_per_step and self.verdict(limit_bytes_per_step) == "fail"
 
+    def settled_within(self, limit_bytes_per_step: float) -> bool:
+        """Settled as a pass: a soak may stop early here; a rise goes on to its budget, as it may yet level off."""
+        return self.settled(limit_bytes_per_step) and self.verdict(limit_bytes_per_step) == "pass"
+
     def judged(self, limit_bytes_per_step: float, limit_text: str) -> SoakVerdict:
         return SoakVerdict(self.verdict(limit_bytes_per_step), self, limit_text, limit_bytes=limit_bytes_per_step)
 

@@ -426,14 +426,11 @@ def _replay(
                            temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
                            seed=options.seed, min_new_tokens=options.min_new_tokens)  # fmt: skip
 
-    def within_limit(so_far: memory.SoakResult) -> bool:  # a rise goes on to the budget: it may yet level off
-        return so_far.settled(limit) and so_far.verdict(limit) == "pass"
-
     # Warm-up: the kind's first two requests again, whose buffers may grow once on the way (a long prompt's
     # freed buffers were trimmed since the session made it).
     warmup = min(len(kind.requests), 2)
     result = memory.soak(step, steps=steps, warmup=warmup, time_budget_s=seconds, what=f"replay of {kind.label}",
-                         min_steps=MIN_REPLAY, done=within_limit)  # fmt: skip
+                         min_steps=MIN_REPLAY, done=lambda so_far: so_far.settled_within(limit))  # fmt: skip
     return result.judged(limit, text)
 
 
@@ -465,7 +462,7 @@ def test_no_leak_over_load_unload(
         result = memory.soak(
             cycle, steps=2 * cycles, min_steps=cycles, warmup=RELOAD_WARMUP[backend], what=f"{backend} load/unload",
             per="cycle", time_budget_s=slm_limits["memory_seconds"],
-            done=lambda so_far: so_far.settled(limit * 1e6) and so_far.verdict(limit * 1e6) == "pass",
+            done=lambda so_far: so_far.settled_within(limit * 1e6),
         )  # fmt: skip
     finally:
         if session_copy is not None:
