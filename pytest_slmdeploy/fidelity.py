@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pytest_slmdeploy.errors import SlmDeployError, describe
-from pytest_slmdeploy.stats import Verdict
+from pytest_slmdeploy.stats import Verdict, Z, wilson_interval
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 SCHEMA = 2  # 2: full-vocabulary log-probabilities (schema 1's top-k + rest bucket only bounded the KLD)
 DEFAULT_TOP_K = 64
-Z = 1.959964  # a two-sided 95% interval (stats.CONFIDENCE): each decision, pass or fail, at 2.5% (stats.ALPHA)
 TIE_MARGIN = 0.02  # top-1 agreement counts a token within this much source probability of the top one
 REFERENCES_DIR = "references"
 ROWS_SUFFIX = ".logp16"  # beside <key>.npz: (positions, vocab) float16 log-probabilities, raw, memory-mapped
@@ -760,10 +759,7 @@ def agreement_interval(agreed: Sequence[int], positions: Sequence[int], z: float
         independent = share * (1 - share) / n
         deff = max(1.0, between / independent) if independent > 0 else 1.0
         effective = n / deff
-    centre = share + z * z / (2 * effective)
-    half = z * math.sqrt(share * (1 - share) / effective + z * z / (4 * effective * effective))
-    scale = 1 + z * z / effective
-    return max(0.0, (centre - half) / scale), min(1.0, (centre + half) / scale), effective
+    return (*wilson_interval(share, effective, z), effective)
 
 
 def mean_interval(sums: Sequence[float], positions: Sequence[int], z: float = Z) -> tuple[float, float]:

@@ -30,6 +30,19 @@ Verdict = Literal["pass", "fail", "inconclusive"]
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 ALPHA = (1 - CONFIDENCE) / 2  # one-sided: a decision claims one direction
+Z = 1.959964  # a two-sided 95% interval: each decision, pass or fail, at 2.5% (ALPHA)
+
+
+def wilson_interval(share: float, n: float, z: float = Z) -> tuple[float, float]:
+    """Wilson's 95% interval of a proportion ``share`` observed on ``n`` independent trials (``n`` may be an
+    effective, fractional count). Unlike the normal interval it stays inside [0, 1] and is not empty at 0% or
+    100%. With no trials it is [0, 1]: nothing is known."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = share + z * z / (2 * n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    scale = 1 + z * z / n
+    return max(0.0, (centre - half) / scale), min(1.0, (centre + half) / scale)
 
 
 def sign_test_p(successes: int, rounds: int) -> float:

@@ -56,12 +56,14 @@ def main() -> int:
     parser.add_argument("--burn-seconds", type=float, default=1800, help="longest life of a burner (default 1800)")
     parser.add_argument("--expect", default="pass", help="pass, or fail:FAMILY (e.g. fail:lengths)")
     parser.add_argument("--conftest", type=Path, default=None, help="a conftest.py to run with (e.g. a defect)")
+    parser.add_argument("--keep", type=Path, default=None, help="write the whole output of unexpected runs here")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     # The runs start in a folder of their own: paths given relative to here must still find the model.
     args.model = args.model.resolve()
     args.cache = args.cache.resolve() if args.cache else None
     args.conftest = args.conftest.resolve() if args.conftest else None
+    args.keep = args.keep.resolve() if args.keep else None
     expected_family = args.expect.removeprefix("fail:") if args.expect.startswith("fail:") else None
     with tempfile.TemporaryDirectory(prefix="slmdeploy-load-") as tmp:
         cache = args.cache or Path(tmp) / "cache"
@@ -84,8 +86,11 @@ def main() -> int:
                       f"inconclusive {len(undecided)}{'' if met else '  <-- not as expected'}", flush=True)  # fmt: skip
                 for message in undecided:
                     print(f"        inconclusive: {message}")
-                if not met:  # why: pytest's short summary
+                if not met:  # why: pytest's short summary, and the whole output if asked
                     print("\n".join(f"        {line}" for line in output.splitlines() if line.startswith("FAILED")))
+                    if args.keep is not None:
+                        args.keep.mkdir(parents=True, exist_ok=True)
+                        (args.keep / f"run{run}.txt").write_text(output)
         finally:
             for burner in burners:
                 burner.kill()

@@ -107,6 +107,50 @@ def test_format_checks() -> None:
     )
 
 
+def _stops(stopped: int, missed: int, limit: float = 0.9) -> fmt.StopRate:
+    special = fmt.SpecialTokens(frozenset(), frozenset())
+    results = [fmt.check_format("p", gen("a", "stop"), special, require_stop=False)] * stopped
+    results += [fmt.check_format("q", gen("b", "length"), special, require_stop=False)] * missed
+    return fmt.StopRate(tuple(results), limit)
+
+
+@pytest.mark.parametrize(
+    ("stopped", "missed", "verdict"),
+    [
+        (15, 0, "inconclusive"),  # the former default evidence: 15 answers cannot show 90% (interval 80-100%)
+        (34, 0, "inconclusive"),
+        (35, 0, "pass"),
+        (59, 1, "pass"),  # the built-in 60 survive one miss
+        (58, 2, "inconclusive"),
+        (72, 4, "inconclusive"),
+        (60, 16, "fail"),
+        (0, 3, "fail"),
+        (0, 0, "inconclusive"),  # no answer: nothing known
+    ],
+)
+def test_stop_rate_is_decided_on_its_interval(stopped: int, missed: int, verdict: str) -> None:
+    """Issue 21, item 5: a pass needs the 95% interval of the share at or above the limit, a fail below it."""
+    stops = _stops(stopped, missed)
+    assert stops.verdict == verdict, stops.explain()
+    assert f"{stopped}/{stopped + missed} (95% interval " in stops.explain()
+
+
+def test_a_stop_rate_limit_of_one_means_every_answer() -> None:
+    assert _stops(3, 0, limit=1.0).verdict == "pass"
+    assert _stops(300, 1, limit=1.0).verdict == "fail"
+    assert _stops(0, 5, limit=0.0).verdict == "pass"
+
+
+def test_built_in_stop_prompts_are_enough_and_out_of_sample() -> None:
+    from pytest_slmdeploy.fidelity import FIDELITY_PROMPTS
+    from pytest_slmdeploy.recipes import CALIBRATION_INSTRUCTIONS
+
+    built_in = (*fmt.GENERIC_PROMPTS, *fmt.STOP_PROMPTS)
+    assert len(set(built_in)) == len(built_in) == 60
+    assert _stops(len(built_in) - 1, 1).verdict == "pass"  # no case file, one miss: still decided
+    assert not set(built_in) & (set(FIDELITY_PROMPTS) | set(CALIBRATION_INSTRUCTIONS))
+
+
 def test_special_tokens_from_the_tiny_model(tiny_model: Path) -> None:
     special = fmt.SpecialTokens.from_model_dir(tiny_model)
     assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= special.texts

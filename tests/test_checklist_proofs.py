@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS, STOP_PROMPTS
 from pytest_slmdeploy.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -369,28 +370,42 @@ def test_runtime_slowing_with_length_fails_only_lengths(
     assert failed == {"slmdeploy::test_every_length_works_and_scales"}, result.stdout.str()[-3000:]
 
 
-@pytest.mark.parametrize("declared", [False, True], ids=["cut-off", "declared"])
+CUT_CASES = {"cut-off": (16, "{not-contains: '<|im_end|>'}"), "few-cut": (4, "{not-contains: '<|im_end|>'}"),
+             "declared": (16, "{finish-reason: length}")}  # fmt: skip
+
+
+@pytest.mark.parametrize("cut", CUT_CASES)
 def test_answers_cut_at_a_case_limit_count_in_the_stop_rate(
-    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, declared: bool
+    pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, cut: str
 ) -> None:
     """An answer that hits its case's own limit did not stop (issue 21, item 2: such answers were left out of
-    the stop rate); only a case that declares the limit as expected (finish-reason: length) is not counted."""
-    expect = "{finish-reason: length}" if declared else "{not-contains: '<|im_end|>'}"
+    the stop rate); only a case that declares the limit as expected (finish-reason: length) is not counted.
+    The share is decided on its 95% interval (issue 21, item 5): 16 misses among 76 answers fail the 90% limit,
+    4 among 76 are too few to tell from it (inconclusive, not pass)."""
+    count, expect = CUT_CASES[cut]
     cases = "".join(
-        f"  - id: cut-{i}\n    prompt: {question!r}\n    max_tokens: 3\n    expect: {expect}\n"
-        for i, (question, _) in enumerate(FAQ[:4])
+        f"  - id: cut-{i}\n    prompt: {FAQ[i % len(FAQ)][0]!r}\n    max_tokens: 3\n    expect: {expect}\n"
+        for i in range(count)
     )
     pytester.makefile(".yaml", slm_cases_cut=f"cases:\n{cases}")
     result = _run(pytester, tiny_model, warm_cache, "-m", "slm_format or slm_domain")
-    total = len(FAQ) + 3 + (0 if declared else 4)  # the model's own cases, the built-in prompts, the cut ones
-    if declared:
-        result.stdout.fnmatch_lines([f"pass *2. Response format*stop rate {total}/{total}*"])
+    # The format check takes the run's first 16 domain cases (the cut ones come first), then the built-in prompts.
+    domain = min(16, count + len(FAQ))
+    built_in = len(GENERIC_PROMPTS) + len(STOP_PROMPTS)
+    if cut == "declared":  # the declared cases are no evidence either way
+        total = domain - count + built_in
+        result.stdout.fnmatch_lines([f"pass *2. Response format*stop rate {total}/{total} (95% interval *"])
         assert result.ret == pytest.ExitCode.OK
-    else:
-        result.stdout.fnmatch_lines(
-            ["*stopped by themselves*", f"FAIL *2. Response format*stop rate {total - 4}/{total}*"]
-        )
+        return
+    total = domain + built_in
+    row = f"*2. Response format*stop rate {total - count}/{total} (95% interval *"
+    if cut == "cut-off":
+        result.stdout.fnmatch_lines([f"*stop rate {total - count}/{total} * below the limit 90%*", f"FAIL {row}"])
         assert result.ret == pytest.ExitCode.TESTS_FAILED
+    else:
+        result.stdout.fnmatch_lines([f"pass {row}", "inconclusive*too few answers to tell it from the limit 90%*"])
+        assert "(1 inconclusive)" in result.stdout.str()
+        assert result.ret == pytest.ExitCode.OK
 
 
 def test_a_context_longer_than_the_sweep_is_still_checked(

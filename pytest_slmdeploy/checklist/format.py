@@ -8,10 +8,74 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_slmdeploy.runtime import Generation
+from pytest_slmdeploy.stats import Verdict, wilson_interval
 from pytest_slmdeploy.template import FIXED_DATE, derive_prompt_template, fill_prompt_template, render_chat
 
 # Prompts any chat model should answer and end by itself (used with the domain prompts).
 GENERIC_PROMPTS = ("Hello", "What can you help me with?", "Answer in one sentence: what do you do?")
+# Prompts that ask for a short answer: with GENERIC_PROMPTS, 60 answers, enough that a model stopping every time
+# (or all but once) is a decided pass of a 90% stop rate on its own (Wilson's 95% interval; 35 could not
+# survive one miss, 15 could not decide at all). SmolLM2-135M-Instruct ends each of them within 66 tokens, and
+# a toy model trained on anything ends them too; none is a fidelity or calibration prompt.
+STOP_PROMPTS = (
+    "Good morning!",
+    "Give one word that rhymes with 'hat'.",
+    "Please say 'ready' and nothing else.",
+    "Repeat after me: the quick brown fox.",
+    "Write a three-word slogan for a bakery.",
+    "How many days are in a week? Number only.",
+    "How many legs does a dog have? Reply with the number only.",
+    "In one word, what color is grass?",
+    "What is 2 plus 2? Reply with the number only.",
+    "What is the capital of Italy? One word.",
+    "What is the capital of Spain? One word.",
+    "What is the opposite of hot? One word.",
+    "What is the opposite of up? One word.",
+    "What shape has three sides? One word.",
+    "What is 10 minus 3? Reply with the number only.",
+    "What is 5 times 6? Reply with the number only.",
+    "What is half of ten? Number only.",
+    "What is the plural of mouse? One word.",
+    "What time of day is breakfast eaten? Briefly.",
+    "Are you ready to help? Answer briefly.",
+    "Complete the phrase: once upon a ...",
+    "Which is bigger, an elephant or a mouse? One word.",
+    "What do bees make? One word.",
+    "List three colors, separated by commas.",
+    "Answer in one short sentence: what is a cat?",
+    "Name a day of the week.",
+    "Name one ocean.",
+    "Thank you!",
+    "Translate 'cat' into German. One word.",
+    "Give me a synonym for happy. One word.",
+    "Say hello in French. One word.",
+    "In one sentence, what is the moon?",
+    "Name a month of the year.",
+    "Give a one-sentence greeting for a customer.",
+    "What is frozen water called? One word.",
+    "In one sentence, what is a teacher?",
+    "Is it day or night when the sun is up? One word.",
+    "What do you call a baby dog? One word.",
+    "In one sentence, what is a book?",
+    "What sound does a cow make? One word.",
+    "What is H2O commonly called? One word.",
+    "What letter comes after B?",
+    "Name one fruit that is yellow.",
+    "Write a one-line apology for a late reply.",
+    "Answer yes or no: is water wet?",
+    "Reply with OK.",
+    "Answer yes or no: can fish fly?",
+    "Is a tomato a fruit? Answer yes or no.",
+    "Count from one to five.",
+    "Name one primary color.",
+    "Which season comes after winter? One word.",
+    "Spell the word cat backwards.",
+    "Answer in one short sentence: what is rain?",
+    "Goodbye!",
+    "In one word, what color is the sky on a clear day?",
+    "Reply with one word: is the sun a star?",
+    "Can you hear me?",
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +156,60 @@ def check_format(prompt: str, generation: Generation, special: SpecialTokens, *,
 
 def stop_rate(results: Sequence[FormatResult]) -> float:
     return sum(r.generation.finish_reason == "stop" for r in results) / len(results) if results else 0.0
+
+
+@dataclass(frozen=True)
+class StopRate:
+    """How many answers ended by themselves, judged against a minimum share on the 95% interval of that share:
+    *pass* when the interval lies at or above the limit, *fail* when it lies below, *inconclusive* when it
+    straddles it (too few answers to tell). A limit of 1 claims that every answer stops: any miss fails, and
+    only then is every answer asked the whole claim."""
+
+    results: tuple[FormatResult, ...]
+    limit: float
+
+    @property
+    def stopped(self) -> int:
+        return sum(r.generation.finish_reason == "stop" for r in self.results)
+
+    @property
+    def answers(self) -> int:
+        return len(self.results)
+
+    @property
+    def rate(self) -> float:
+        return stop_rate(self.results)
+
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.rate, self.answers)
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.limit <= 0:
+            return "pass"
+        if self.limit >= 1:
+            return (
+                "pass" if self.answers and self.stopped == self.answers else "fail" if self.answers else "inconclusive"
+            )
+        low, high = self.interval()
+        return "pass" if low >= self.limit else "fail" if high < self.limit else "inconclusive"
+
+    def figure(self) -> str:
+        low, high = self.interval()
+        return f"{self.stopped}/{self.answers} (95% interval {low:.0%}-{high:.0%})"
+
+    def explain(self) -> str:
+        misses = [r for r in self.results if r.generation.finish_reason != "stop"]
+        shown = "; ".join(f"{r.prompt!r} -> {r.generation.text[:60]!r}" for r in misses[:5])
+        more = f" (and {len(misses) - 5} more)" if len(misses) > 5 else ""
+        what = {
+            "fail": "below",
+            "inconclusive": "too few answers to tell it from",
+            "pass": "at or above",
+        }[self.verdict]
+        return f"stop rate {self.figure()} {what} the limit {self.limit:.0%}" + (
+            f"; did not stop: {shown}{more}" if misses else ""
+        )
 
 
 def _user(text: str) -> dict[str, str]:
