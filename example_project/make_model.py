@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pytest_slmdeploy.tinymodel import make_tiny_chat_model
+from pytest_slmdeploy.testing.tinymodel import make_tiny_chat_model
 
 MODEL_DIR = Path(__file__).parent / "model"
 

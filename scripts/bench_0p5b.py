@@ -30,7 +30,7 @@ def make_model(out: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pytest_slmdeploy.tinymodel import TinyModelSpec, make_tiny_chat_model
+    from pytest_slmdeploy.testing.tinymodel import TinyModelSpec, make_tiny_chat_model
 
     if (out / "config.json").is_file():
         return out

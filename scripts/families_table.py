@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/families_table.py [--out docs/families-table.md] [FAMILY ...]
 
-Trains each family's tiny FAQ model (pytest_slmdeploy.tinyfamilies), then runs
+Trains each family's tiny FAQ model (pytest_slmdeploy.testing.tinyfamilies), then runs
 ``pytest --slm-model`` on it once per backend (ORT GenAI, then the Foundry SDK,
 which reuses the build) and prints one Markdown row per family: build seconds,
 PromptTemplate's parts and notes, built-in suite n/m and FAQ n/12 per backend.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from under_load import run_suite  # the same subprocess run of the suite (scripts/ is on sys.path)
 
-from pytest_slmdeploy.tinyfamilies import FAMILIES
-from pytest_slmdeploy.tinymodel import FAQ, family_spec, make_tiny_chat_model
+from pytest_slmdeploy.testing.tinyfamilies import FAMILIES
+from pytest_slmdeploy.testing.tinymodel import FAQ, family_spec, make_tiny_chat_model
 
 BACKENDS = ("ort-genai", "foundry")
 

@@ -19,9 +19,9 @@ import tokenizers  # noqa: F401
 import torch  # noqa: F401
 from filelock import FileLock
 
-from pytest_slmdeploy import tinydefects, tinymodel
-from pytest_slmdeploy.tinydefects import OutlierReport
-from pytest_slmdeploy.tinymodel import FAQ, TinyModelSpec
+from pytest_slmdeploy.testing import tinydefects, tinymodel
+from pytest_slmdeploy.testing.tinydefects import OutlierReport
+from pytest_slmdeploy.testing.tinymodel import FAQ, TinyModelSpec
 
 
 def _shared_model(tmp_path_factory: pytest.TempPathFactory, name: str, spec: TinyModelSpec) -> Path:
@@ -41,7 +41,7 @@ def _shared_model(tmp_path_factory: pytest.TempPathFactory, name: str, spec: Tin
 MAKE_MODEL = """
 import pickle, sys
 from pathlib import Path
-from pytest_slmdeploy.tinymodel import make_tiny_chat_model
+from pytest_slmdeploy.testing.tinymodel import make_tiny_chat_model
 make_tiny_chat_model(Path(sys.argv[1]), pickle.loads(bytes.fromhex(sys.argv[2])))
 """
 
@@ -49,7 +49,7 @@ make_tiny_chat_model(Path(sys.argv[1]), pickle.loads(bytes.fromhex(sys.argv[2]))
 MAKE_OUTLIER = """
 import dataclasses, json, sys
 from pathlib import Path
-from pytest_slmdeploy.tinydefects import add_outlier_channels
+from pytest_slmdeploy.testing.tinydefects import add_outlier_channels
 report = add_outlier_channels(Path(sys.argv[1]), Path(sys.argv[2]), scale=150.0)
 Path(sys.argv[3]).write_text(json.dumps({**dataclasses.asdict(report), "out_dir": str(report.out_dir)}))
 """
@@ -139,13 +139,13 @@ class FamilyModels:
     and the suite's generic prompts; trained once per run and recipe, and shared by xdist workers."""
 
     def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
-        from pytest_slmdeploy import tinyfamilies
+        from pytest_slmdeploy.testing import tinyfamilies
 
         self._factory = tmp_path_factory
         self._families = hashlib.sha256(Path(tinyfamilies.__file__).read_bytes()).hexdigest()[:8]
 
     def __call__(self, key: str, **overrides: object) -> Path:
-        from pytest_slmdeploy.tinymodel import family_spec
+        from pytest_slmdeploy.testing.tinymodel import family_spec
 
         return _shared_model(self._factory, f"family-{key}-{self._families}", family_spec(key, **overrides))
 

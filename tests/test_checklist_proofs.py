@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS, STOP_PROMPTS
-from pytest_slmdeploy.tinymodel import FAQ
+from pytest_slmdeploy.testing.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

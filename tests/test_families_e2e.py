@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pytest_slmdeploy.tinymodel import FAQ
+from pytest_slmdeploy.testing.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

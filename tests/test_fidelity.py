@@ -16,8 +16,8 @@ from pytest_slmdeploy import fidelity
 from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
 from pytest_slmdeploy.fidelity import FidelityLimits, FidelityResult, PromptFidelity, References
 from pytest_slmdeploy.settings import LIMITS
-from pytest_slmdeploy.tinydefects import OutlierReport
-from pytest_slmdeploy.tinymodel import FAQ
+from pytest_slmdeploy.testing.tinydefects import OutlierReport
+from pytest_slmdeploy.testing.tinymodel import FAQ
 
 PROMPTS = [question for question, _ in FAQ]
 MAX_NEW_TOKENS = 48
@@ -210,8 +210,9 @@ def _replace(path: Path, data: bytes) -> None:
 WARM = """
 import sys
 from pathlib import Path
-from pytest_slmdeploy import fidelity, tinydefects
-from pytest_slmdeploy.tinymodel import FAQ
+from pytest_slmdeploy import fidelity
+from pytest_slmdeploy.testing import tinydefects
+from pytest_slmdeploy.testing.tinymodel import FAQ
 refs = fidelity.compute_references(
     Path(sys.argv[1]), [q for q, _ in FAQ], max_new_tokens=int(sys.argv[3]), cache_dir=Path(sys.argv[2])
 )

@@ -24,7 +24,7 @@ from pytest_slmdeploy.runtime import SlmModel, open_model
 from pytest_slmdeploy.runtime.foundrylocal import FoundryLocalBackend
 from pytest_slmdeploy.runtime.protocol import GenerationOptions
 from pytest_slmdeploy.template import CHATML_TEMPLATE
-from pytest_slmdeploy.tinymodel import FAQ
+from pytest_slmdeploy.testing.tinymodel import FAQ
 
 pytest.importorskip("foundry_local_sdk")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -13,8 +13,8 @@ from conftest import read_json
 from pytest_slmdeploy.fidelity import prompt_set
 from pytest_slmdeploy.ladder import RUNGS, Ladder, Rung, climb, rung_settings
 from pytest_slmdeploy.settings import Settings
-from pytest_slmdeploy.tinydefects import OutlierReport
-from pytest_slmdeploy.tinymodel import FAQ
+from pytest_slmdeploy.testing.tinydefects import OutlierReport
+from pytest_slmdeploy.testing.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SCHEMA = {"precision", "passed", "size_ratio", "decode_tps", "ttft_ms", "peak_rss_mb", "answers_identical",

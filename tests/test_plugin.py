@@ -12,7 +12,7 @@ from conftest import read_json
 
 from pytest_slmdeploy.settings import auto_threads
 from pytest_slmdeploy.template import CHATML_TEMPLATE
-from pytest_slmdeploy.tinymodel import FAQ
+from pytest_slmdeploy.testing.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SUITE_TESTS = 15  # the built-in suite's tests that run on the tiny model; its slm_cases.yaml adds one per FAQ entry

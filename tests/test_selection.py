@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_slmdeploy.tinymodel import FAQ
+from pytest_slmdeploy.testing.tinymodel import FAQ
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

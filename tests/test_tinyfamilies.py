@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from pytest_slmdeploy.template import CHATML_TEMPLATE, TemplateError, render_chat
-from pytest_slmdeploy.tinyfamilies import FAMILIES, LLAMA3_DATES, family, filler_pairs, generic_pairs
-from pytest_slmdeploy.tinymodel import FAQ, TinyModelSpec, family_spec, make_family_tokenizer, render_prompt
+from pytest_slmdeploy.testing.tinyfamilies import FAMILIES, LLAMA3_DATES, family, filler_pairs, generic_pairs
+from pytest_slmdeploy.testing.tinymodel import FAQ, TinyModelSpec, family_spec, make_family_tokenizer, render_prompt
 
 KEYS = [key for key in FAMILIES if key != "chatml"]
 
@@ -246,7 +246,7 @@ def test_tokenizer(tokenizers: dict[str, Path], key: str) -> None:
 
 
 def test_llama3_is_trained_under_many_dates() -> None:
-    from pytest_slmdeploy.tinymodel import template_dates
+    from pytest_slmdeploy.testing.tinymodel import template_dates
 
     dates = template_dates(family("llama3"))
     assert dates[0] == "26 Jul 2024"

@@ -8,7 +8,7 @@ the BPE vocabulary, or added tokens after it (Llama 3, Qwen2.5, Phi-3's chat
 tokens; with Llama 3's ``clean_up_tokenization_spaces`` that placement decides
 what ONNX Runtime GenAI's streaming decoder writes for them),
 so a tiny model trained in seconds meets the same template and tokenizer code
-paths as the real one. :func:`pytest_slmdeploy.tinymodel.make_tiny_chat_model`
+paths as the real one. :func:`pytest_slmdeploy.testing.tinymodel.make_tiny_chat_model`
 builds them; ``chatml`` is the plain ChatML Qwen2 model tests always used.
 """
 

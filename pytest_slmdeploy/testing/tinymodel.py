@@ -6,7 +6,7 @@ two-layer model of a real architecture, and a few hundred AdamW steps on
 question/answer pairs until greedy decoding reproduces every answer. The
 default is a ChatML Qwen2 model; ``family`` picks a published family instead
 (Llama 3.2, Phi-3.5, Gemma 2, Mistral v0.3, Qwen2.5, SmolLM2: see
-:mod:`pytest_slmdeploy.tinyfamilies`).
+:mod:`pytest_slmdeploy.testing.tinyfamilies`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_slmdeploy.template import CHATML_TEMPLATE
-from pytest_slmdeploy.tinyfamilies import LLAMA3_DATES, Family, family, filler_pairs, generic_pairs
+from pytest_slmdeploy.testing.tinyfamilies import LLAMA3_DATES, Family, family, filler_pairs, generic_pairs
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
