@@ -80,6 +80,9 @@ def build_key(fingerprint_: str, precision: str, recipe: dict[str, Any], chat_te
     source_path = recipe.get("input_model", {}).get("model_path")
     if source_path:  # the content counts, not where it lies (passes name the folder too: GPTQ's calibration)
         text = text.replace(json.dumps(str(source_path))[1:-1], "<source>")
+    # Nor where this package is installed (GPTQ's calibration names its user_script by path): the same build from
+    # another virtual environment or checkout is the same build.
+    text = text.replace(json.dumps(str(Path(__file__).parent))[1:-1], "<pytest_slmdeploy>")
     portable = json.loads(text)
     payload = {
         "schema": BUILD_SCHEMA,

@@ -28,6 +28,25 @@ def test_block_size(tiny_model: Path, hidden: int, intermediate: int, block: int
     assert recipes.block_size(type(source)(**{**vars(source), "config": config})) == block
 
 
+def test_build_key_ignores_where_the_source_and_this_package_lie(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPTQ recipe names the source folder and this package's olive_data.py by path; the same build from another
+    folder or virtual environment must reuse the cache (it did not: the int4 key differed between checkouts)."""
+    from pytest_slmdeploy import deploy as deploy_module
+
+    source = inspect_source(tiny_model)
+    recipe = build.olive_config(source, "int4")
+    here = str(Path(deploy_module.__file__).parent)
+    assert here in json.dumps(recipe)  # the calibration's user_script
+    key = deploy_module.build_key("f", "int4", recipe, "t")
+    text = json.dumps(recipe).replace(here, "/venv2/site-packages/pytest_slmdeploy")
+    elsewhere = json.loads(text.replace(str(source.path), "/other/copy"))
+    monkeypatch.setattr(deploy_module, "__file__", "/venv2/site-packages/pytest_slmdeploy/deploy.py")
+    assert deploy_module.build_key("f", "int4", elsewhere, "t") == key
+    assert deploy_module.build_key("f", "int8", elsewhere, "t") != key
+
+
 def _with_config(source: SourceModel, **config: object) -> SourceModel:
     return type(source)(**{**vars(source), "config": {**source.config, **config}})
 
