@@ -58,7 +58,10 @@ def default_model_name(model_path: Path, precision: str) -> str:
 # Checklist limits: ini key suffix -> (default, help). A healthy model passes the defaults; each can
 # also be set per test with marker keywords, e.g. @pytest.mark.slm_memory(max_mb_per_1k=5).
 LIMITS: dict[str, tuple[float, str]] = {
-    "format_min_stop_rate": (0.9, "share of answers that must end by themselves (finish reason stop), decided on its 95% interval"),
+    "format_min_stop_rate": (
+        0.9,
+        "share of answers that must end by themselves (finish reason stop), decided on its 95% interval",
+    ),
     "format_max_new_tokens": (128, "token limit per answer in the format checks"),
     "memory_generations": (300, "most generations replayed, all kinds of request together (each kind: 5 at least)"),
     "memory_warmup": (20, "generations at the start of the session that are not judged"),

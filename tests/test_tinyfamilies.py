@@ -124,9 +124,9 @@ def test_the_default_spec_is_the_chatml_model() -> None:
 
 
 def test_generic_prompts_get_clean_answers() -> None:
-    from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
+    from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS, STOP_PROMPTS
 
-    assert [prompt for prompt, _ in generic_pairs()] == list(GENERIC_PROMPTS)
+    assert [prompt for prompt, _ in generic_pairs()] == [*GENERIC_PROMPTS, *STOP_PROMPTS]
     assert all(answer.strip() for _, answer in generic_pairs())
 
 
