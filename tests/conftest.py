@@ -7,6 +7,7 @@ import json
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # The pytester fixture unloads the modules a test imported, and native extensions cannot load twice in one
@@ -184,6 +185,36 @@ def outlier(tiny_model: Path, fidelity_root: Path) -> OutlierReport:
         max_abs_logit_diff=saved["max_abs_logit_diff"],
         max_abs_logit=saved["max_abs_logit"],
     )
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The FAQ model trained again from another seed: the same answers to the FAQ and the same tokenizer, other
+    weights and other answers elsewhere (the wrong checkpoint of a fine-tune, deployed by mistake)."""
+    return _shared_model(tmp_path_factory, "faq-seed1", TinyModelSpec(seed=1))
+
+
+MAKE_PERTURBED = """
+import sys
+from pathlib import Path
+from pytest_slmdeploy.testing.tinydefects import perturbed_copy
+perturbed_copy(Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), seed=1)
+"""
+
+
+@pytest.fixture(scope="session")
+def perturbed(tiny_model: Path, fidelity_root: Path) -> Callable[[float], Path]:
+    """``perturbed(noise)``: the FAQ model with Gaussian noise of ``noise`` x each weight matrix's RMS added."""
+    code = hashlib.sha256(Path(tinydefects.__file__).read_bytes()).hexdigest()[:8]
+
+    def make(noise: float) -> Path:
+        target = fidelity_root / f"perturbed-{noise:g}-{tiny_model.parent.name}-{code}"
+        with FileLock(str(target) + ".lock"):
+            if not (target / "config.json").is_file():
+                _in_child(MAKE_PERTURBED, str(tiny_model), str(target), str(noise))
+        return target
+
+    return make
 
 
 MAKE_REAL_MODEL = """

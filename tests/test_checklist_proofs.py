@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -420,3 +421,47 @@ def test_a_context_longer_than_the_sweep_is_still_checked(
         ["pass *4. Consistent performance*context boundary 512 tokens as the source; over it refused; a full "
          "context not tried (over slm_lengths_max_tokens = 32)*"]
     )  # fmt: skip
+
+
+# The build is made from another folder than the source it is judged against: a recipe hook, as a user's own
+# would be, points Olive at it. Everything but the weights is the source's (tokenizer, template, cases).
+BUILT_FROM = """
+import copy
+
+def pytest_slmdeploy_recipe(recipe, settings, config):
+    recipe = copy.deepcopy(recipe)
+    recipe["input_model"]["model_path"] = {path!r}
+    return recipe
+"""
+
+
+def test_another_checkpoint_fails_only_fidelity(
+    pytester: pytest.Pytester, tiny_model: Path, other_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Issue 21, items 4 and 9: an unrelated model, in a whole-suite run. The FAQ model trained again from another
+    seed answers every domain case the same and stops, loops and leaks alike; only its answers to the general
+    prompts differ, and fidelity is the one check that compares the installed model with its source."""
+    pytester.makeconftest(BUILT_FROM.format(path=str(other_checkpoint)))
+    result = _run(pytester, tiny_model, tmp_path / "cache")
+    result.stdout.fnmatch_lines(["FAIL *6. Faithful to the fine-tuned source*"])
+    failed = {line.split()[1] for line in result.stdout.lines if line.startswith("FAILED")}
+    assert failed == {"slmdeploy::test_faithful_to_the_source"}, result.stdout.str()[-3000:]
+    result.stdout.fnmatch_lines(["*top-1 agreement *% (95% interval *%-*%) < 95.0%*"])
+
+
+# Noise on every weight matrix, as a share of its RMS, against top-1 agreement over the 64 prompts (one sweep):
+# 0.05: 98.6%; 0.2: 96.4% (pass); 0.35: 93.5% (91.0-95.3%, inconclusive); 0.42: 92.4% (89.6-94.5%, fail);
+# 0.5: 89.5%; 0.7: 84.5%, and the domain cases fail too.
+NEAR_LIMIT_NOISE = 0.42
+
+
+def test_a_build_3_points_under_the_limit_fails_only_fidelity(
+    pytester: pytest.Pytester, tiny_model: Path, perturbed: Callable[[float], Path], tmp_path: Path
+) -> None:
+    """Issue 21, item 9: a deployed model about 3 points under the top-1 limit (the FAQ model with small noise on
+    every weight matrix), in a whole-suite run: fidelity fails on the 64-prompt evidence, nothing else does."""
+    pytester.makeconftest(BUILT_FROM.format(path=str(perturbed(NEAR_LIMIT_NOISE))))
+    result = _run(pytester, tiny_model, tmp_path / "cache")
+    result.stdout.fnmatch_lines(["*top-1 agreement 9[1-3].*% (95% interval *%-9[2-4].*%) < 95.0%*"])
+    failed = {line.split()[1] for line in result.stdout.lines if line.startswith("FAILED")}
+    assert failed == {"slmdeploy::test_faithful_to_the_source"}, result.stdout.str()[-3000:]

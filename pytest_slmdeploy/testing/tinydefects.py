@@ -129,3 +129,26 @@ def _norm_feeds(model: Any, include_lm_head: bool) -> list[tuple[str, list[str]]
 def _present(layer: Any, block: str, names: Sequence[str]) -> list[str]:
     parent = getattr(layer, block)
     return [name for name in names if hasattr(parent, name)]
+
+
+def perturbed_copy(source: str | Path, out_dir: str | Path, relative_noise: float, *, seed: int = 0) -> Path:
+    """Write a copy of a model whose every weight matrix carries Gaussian noise of ``relative_noise`` times its
+    own RMS: another checkpoint of the same model, as near the source as the noise says (the wrong build installed
+    by mistake, or a quantization a few points less faithful). Tokenizer and config are the source's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, out = Path(source), Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                rms = parameter.pow(2).mean().sqrt()
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * rms * relative_noise)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and item.name not in _REWRITTEN and not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, out / item.name)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
