@@ -97,8 +97,10 @@ class BuildResult:
 
 
 @contextlib.contextmanager
-def _offline_env() -> Iterator[None]:
+def _offline_env(calibration_cache: Path | None = None) -> Iterator[None]:
     overrides = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if calibration_cache is not None:  # read by olive_data.py, inside Olive (the recipe must not name it)
+        overrides["SLMDEPLOY_CALIBRATION_CACHE"] = str(calibration_cache)
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)
     try:
@@ -157,8 +159,10 @@ def run_olive(
     *,
     log_path: Path | None = None,
     progress: Progress = lambda message: None,
+    calibration_cache: Path | None = None,
 ) -> BuildResult:
-    """Run an Olive workflow (see :func:`olive_config`) into ``output_dir``; raise :class:`BuildError`."""
+    """Run an Olive workflow (see :func:`olive_config`) into ``output_dir``; raise :class:`BuildError`.
+    ``calibration_cache``: where the source's calibration answers are kept between builds (olive_data.py)."""
     # A deep copy: olive.run() rewrites the config it is given, and the recipe goes into the manifest.
     config = {**copy.deepcopy(recipe), "cache_dir": str(work_dir / "olive-cache"), "output_dir": str(output_dir)}
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +174,7 @@ def run_olive(
     watch = Stopwatch()
     handler = buildlog.Records()
     olive_logger = logging.getLogger("olive")
-    with PeakRss() as rss, _offline_env(), _ticker(progress, "converting"):
+    with PeakRss() as rss, _offline_env(calibration_cache), _ticker(progress, "converting"):
         olive_logger.addHandler(handler)
         try:
             with buildlog.output_to_log(log_path), warnings.catch_warnings():

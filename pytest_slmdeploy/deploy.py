@@ -189,7 +189,10 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
         check_weights_match(source, trust_remote_code=settings.trust_remote_code)
         with cache.staging(name) as staging:  # removed on the way out, built or not
             log_path = cache.logs_dir / f"{name}.build.log"  # kept after a failure: errors point to it
-            result = build.run_olive(plan.recipe, staging.model, staging.work, log_path=log_path, progress=progress)
+            result = build.run_olive(
+                plan.recipe, staging.model, staging.work, log_path=log_path, progress=progress,
+                calibration_cache=cache.root / ".calibration",
+            )  # fmt: skip
             _install_files(staging.model, plan)
             progress("checking that the built model loads and generates")
             check_loads(staging.model)

@@ -9,11 +9,32 @@ fidelity and the domain cases stay out-of-sample.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from olive.data.registry import Registry
 
 from pytest_slmdeploy.recipes import CALIBRATION_DATASET
+
+# Where build.run_olive keeps the source's calibration answers between builds (the ladder's int4 rungs share them).
+CACHE_ENV = "SLMDEPLOY_CALIBRATION_CACHE"
+
+
+def _cached_texts_path(source: str, params: dict[str, Any]) -> Path | None:
+    """The answers' file for this source (its files' names, sizes and times) and these settings, or None."""
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        return None
+    import torch
+    import transformers
+
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source).iterdir() if p.is_file())
+    versions = (torch.__version__, transformers.__version__)
+    key = json.dumps([files, params, versions], sort_keys=True)
+    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 @Registry.register_dataset(CALIBRATION_DATASET)  # type: ignore[untyped-decorator]  # Olive is untyped
@@ -28,11 +49,39 @@ def calibration_dataset(
 ) -> list[tuple[Any, Any]]:
     """Instruction + the source's own greedy answer, joined and cut into ``seq_len``-token rows (inputs, labels)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if chat_template is not None:  # the user's choice over the model's own (--slm-chat-template), as deployed
         tokenizer.chat_template = chat_template
+    cached = _cached_texts_path(source, {"instructions": instructions, "answer_tokens": answer_tokens,
+                                         "chat_template": chat_template})  # fmt: skip
+    if cached is not None and cached.is_file():
+        texts = json.loads(cached.read_text(encoding="utf-8"))
+    else:
+        texts = _answers(source, tokenizer, instructions, answer_tokens, trust_remote_code)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(".partial")
+            partial.write_text(json.dumps(texts), encoding="utf-8")
+            partial.replace(cached)
+    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    while len(ids) < seq_len:  # a tiny model's short answers: repeat rather than give GPTQ nothing
+        ids = ids + ids
+    rows = []
+    for start in range(0, len(ids) - seq_len + 1, seq_len):
+        row = torch.tensor(ids[start : start + seq_len])
+        rows.append(({"input_ids": row, "attention_mask": torch.ones_like(row)}, row))
+    return rows
+
+
+def _answers(
+    source: str, tokenizer: Any, instructions: list[str], answer_tokens: int, trust_remote_code: bool
+) -> list[str]:
+    """Each instruction in the chat template, followed by the source's greedy answer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
     texts = []
@@ -44,12 +93,4 @@ def calibration_dataset(
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
             out = model.generate(**ids, max_new_tokens=answer_tokens, do_sample=False)
             texts.append(prompt + tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=False))
-    del model
-    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
-    while len(ids) < seq_len:  # a tiny model's short answers: repeat rather than give GPTQ nothing
-        ids = ids + ids
-    rows = []
-    for start in range(0, len(ids) - seq_len + 1, seq_len):
-        row = torch.tensor(ids[start : start + seq_len])
-        rows.append(({"input_ids": row, "attention_mask": torch.ones_like(row)}, row))
-    return rows
+    return texts

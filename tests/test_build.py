@@ -238,3 +238,31 @@ def test_a_handler_on_a_closed_stream_does_not_hide_the_reason(tiny_model: Path,
         olive_logger.removeHandler(stale)
     assert "FP16 is not supported on CPU" in str(info.value)
     assert "--- Logging error ---" in (tmp_path / "build.log").read_text()
+
+
+def test_calibration_answers_are_made_once_per_source(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPTQ's calibration data is the source's own answers (a minute of generation on a 135M model); the ladder's
+    two GPTQ rungs, and any rebuild, read them back from the cache instead."""
+    from pytest_slmdeploy import olive_data
+
+    monkeypatch.setenv(olive_data.CACHE_ENV, str(tmp_path / "calibration"))
+    made: list[int] = []
+    answers = olive_data._answers
+
+    def counted(*args: object) -> list[str]:
+        made.append(1)
+        return answers(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(olive_data, "_answers", counted)
+    instructions = list(recipes.CALIBRATION_INSTRUCTIONS[:3])
+    first = olive_data.calibration_dataset(str(tiny_model), instructions, answer_tokens=8)
+    again = olive_data.calibration_dataset(str(tiny_model), instructions, answer_tokens=8)
+    assert made == [1]
+    assert [row[1].tolist() for row in again] == [row[1].tolist() for row in first]
+    olive_data.calibration_dataset(str(tiny_model), instructions, answer_tokens=9)  # other settings: made again
+    assert made == [1, 1]
+    monkeypatch.delenv(olive_data.CACHE_ENV)
+    olive_data.calibration_dataset(str(tiny_model), instructions, answer_tokens=8)  # no cache: always made
+    assert made == [1, 1, 1]
