@@ -8,7 +8,7 @@ bash scripts/setup-venv.sh
 .venv/bin/mypy
 .venv/bin/mkdocs build --strict --quiet --site-dir .venv/site
 status=0
-.venv/bin/python -m pytest -p no:cacheprovider "$@" || status=$?
+.venv/bin/python -m pytest -p no:cacheprovider --durations=20 "$@" || status=$?  # the 20 slowest: where CI time goes
 # Exit code 5 means the selection held no tests: not a failure of the code.
 if [ "$status" -eq 5 ]; then exit 0; fi
 exit "$status"
