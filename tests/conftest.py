@@ -129,8 +129,11 @@ def filler_words(count: int) -> str:
 
 @pytest.fixture(scope="session")
 def silent_on_long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Answers short prompts, and ends at once (an empty answer) when the prompt is long."""
-    extra = tuple((filler_words(n), "That is a pangram.") for n in (3, 8, 16, 30))
+    """Answers short prompts, and ends at once (an empty answer) when the prompt is long. Trained on the suite's
+    built-in format prompts too: untrained, it answered three of them with nothing as well."""
+    from pytest_slmdeploy.testing.tinyfamilies import generic_pairs
+
+    extra = generic_pairs() + tuple((filler_words(n), "That is a pangram.") for n in (3, 8, 16, 30))
     extra += tuple((filler_words(n), "") for n in (60, 110))
     return _shared_model(tmp_path_factory, "silent-on-long", TinyModelSpec(extra_pairs=extra))
 
