@@ -3,6 +3,7 @@ measured alone in a process of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -72,6 +73,33 @@ def cpus_busy_elsewhere(seconds: float = 0.3) -> float:
     own.cpu_percent(None)
     total = psutil.cpu_percent(interval=seconds) * (psutil.cpu_count() or 1) / 100
     return max(0.0, total - own.cpu_percent(None) / 100)
+
+
+class OtherLoad:
+    """Other processes' CPU use since this object was made, in CPUs on average: the whole machine's busy time
+    less this process's own and its descendants' (the model-alone measurement's child, pytest-xdist's workers)."""
+
+    def __init__(self) -> None:
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float]:
+        machine = psutil.cpu_times()
+        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        process = psutil.Process()
+        times = process.cpu_times()
+        own = times.user + times.system + times.children_user + times.children_system  # ended children too
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child_times = child.cpu_times()
+                own += child_times.user + child_times.system
+        return time.monotonic(), busy, own
+
+    def cpus(self) -> float:
+        wall, busy, own = self._snapshot()
+        start_wall, start_busy, start_own = self._start
+        elapsed = wall - start_wall
+        return max(0.0, ((busy - start_busy) - (own - start_own)) / elapsed) if elapsed > 0 else 0.0
 
 
 def in_use_rss_bytes() -> int:

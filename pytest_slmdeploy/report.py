@@ -66,8 +66,9 @@ class FamilyResult:
 
 @dataclass(frozen=True)
 class GateResult:
-    """The benchmark gates' verdict: ``passed`` (its figures), ``failed`` (the reasons) or ``bootstrap``
-    (no baseline yet; this run can become it)."""
+    """The benchmark gates' verdict: ``passed`` (its figures), ``failed`` (the reasons), ``inconclusive``
+    (timing gates a busy machine left undecided: the reasons) or ``bootstrap`` (no baseline yet; this run can
+    become it)."""
 
     status: str
     summary: str
@@ -83,6 +84,8 @@ class GateResult:
     def to_markdown(self) -> list[str]:
         if self.failed:
             return [f"❌ **{self.summary}**", "", *[f"- {reason}" for reason in self.reasons]]
+        if self.status == "inconclusive":
+            return [f"⚠️ {self.summary}", "", *[f"- {reason}" for reason in self.reasons]]
         return [f"{'✅' if self.status == 'passed' else '🆕'} {self.summary}"]
 
 

@@ -19,7 +19,14 @@ from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import BuildError, SlmDeployError, describe
 from pytest_slmdeploy.plugin import NO_MODEL
-from pytest_slmdeploy.report import FAMILY_PROPERTY, FamilyResult, GateResult, RunReport, family_of
+from pytest_slmdeploy.report import (
+    FAMILY_PROPERTY,
+    INCONCLUSIVE_PROPERTY,
+    FamilyResult,
+    GateResult,
+    RunReport,
+    family_of,
+)
 from pytest_slmdeploy.settings import AUTO_PRECISION, Settings
 
 BUSY_CPUS = 0.5  # other processes' CPU use at the start of a run from which ONNX Runtime's threads stop spinning
@@ -58,6 +65,7 @@ class SlmDeploySession:
         self._fidelity: dict[tuple[Path, str], Any] = {}  # (entry, references key) -> FidelityResult
         self.shared_runs: dict[tuple[str, int], list[Any]] = {}  # (prompt, new tokens) -> the length sweep's rounds
         self._spinning: tuple[bool, str] | None = None
+        self.other_load = measure.OtherLoad()  # other processes' CPU use over the run (the gates read it)
 
     def spinning(self) -> tuple[bool, str]:
         """Whether ONNX Runtime GenAI's threads spin while they wait, and why: ``slm_spinning``, and with ``auto``
@@ -343,6 +351,7 @@ class SlmDeploySession:
                 precision=plan.settings.precision,
                 metrics=metrics,
                 commit=bench.git_commit(self.config.rootpath),
+                details={"busy_cpus": round(self.other_load.cpus(), 2)},  # a busy run's timings gate nothing
             )
             if self.settings.bench_save:  # after the gates: "last" is the run before this one
                 self.bench_saved = self._history().append(record)
@@ -424,9 +433,16 @@ class SlmDeploySession:
                 ),
             )
         metrics = self._run_metrics()
-        failures = bench.evaluate_gates(self.gates, metrics, baseline)
-        if failures:
-            return GateResult("failed", f"benchmark gates FAILED against {baseline.name!r}", tuple(failures))
+        undecided = bench.busy_gates(self.gates, self.other_load.cpus(), baseline)
+        decided = [g for g in self.gates if not any(u.startswith(f"gate {g.metric}:") for u in undecided)]
+        failures = bench.evaluate_gates(decided, metrics, baseline)
+        if failures or (undecided and self.settings.fail_inconclusive):
+            return GateResult("failed", f"benchmark gates FAILED against {baseline.name!r}", (*failures, *undecided))
+        if undecided:
+            judged = f"; {bench.gates_passed_line(decided, metrics, baseline)}" if decided else ""
+            return GateResult(
+                "inconclusive", f"benchmark gates not decided against {baseline.name!r}{judged}", tuple(undecided)
+            )
         return GateResult("passed", bench.gates_passed_line(self.gates, metrics, baseline))
 
     def _report_gates(self, session: pytest.Session, verdict: GateResult) -> None:
@@ -438,6 +454,9 @@ class SlmDeploySession:
         hook.pytest_runtest_logstart(nodeid=GATE_ITEM_ID, location=location)
         for when in ("setup", "call", "teardown"):
             failed = when == "call" and verdict.failed
+            properties = [(FAMILY_PROPERTY, "benchmark")]
+            if when == "call" and verdict.status == "inconclusive":
+                properties += [(INCONCLUSIVE_PROPERTY, reason) for reason in verdict.reasons]
             report = pytest.TestReport(
                 GATE_ITEM_ID,
                 location,
@@ -445,7 +464,7 @@ class SlmDeploySession:
                 "failed" if failed else "passed",
                 "\n".join(verdict.reasons) if failed else None,
                 when,
-                user_properties=[(FAMILY_PROPERTY, "benchmark")],
+                user_properties=properties,
             )
             hook.pytest_runtest_logreport(report=report)
         hook.pytest_runtest_logfinish(nodeid=GATE_ITEM_ID, location=location)
@@ -502,6 +521,8 @@ class SlmDeploySession:
             terminalreporter.write_line(f"benchmark gate FAILED: {reason}", red=True)
         if gates is not None and not gates.failed:
             terminalreporter.write_line(gates.summary, green=gates.status == "passed", yellow=gates.status != "passed")
+            for reason in gates.reasons:  # an undecided gate says why
+                terminalreporter.write_line(f"  {reason}", yellow=True)
         if self.bench_saved is not None:
             terminalreporter.write_line(f"benchmark history: appended to {self.bench_saved}")
         if isinstance(self._deployment, SlmDeployError):
@@ -564,6 +585,8 @@ class BenchmarkGatesItem(pytest.Item):
         verdict = self.slm.judge_gates(by_item=True)
         if verdict.failed:
             raise GateFailure("\n".join(verdict.reasons))
+        if verdict.status == "inconclusive":
+            self.user_properties += [(INCONCLUSIVE_PROPERTY, reason) for reason in verdict.reasons]
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, GateFailure):
