@@ -76,21 +76,35 @@ def calibration_dataset(
 
 
 def _answers(
-    source: str, tokenizer: Any, instructions: list[str], answer_tokens: int, trust_remote_code: bool
+    source: str, tokenizer: Any, instructions: list[str], answer_tokens: int, trust_remote_code: bool, batch: int = 8
 ) -> list[str]:
-    """Each instruction in the chat template, followed by the source's greedy answer."""
+    """Each instruction in the chat template, followed by the source's greedy answer (up to and with its first end
+    token). Batched, left-padded: one at a time, SmolLM2-135M's 40 answers took 136 s of a build on 2 cores."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
+    eos = model.generation_config.eos_token_id
+    ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(ends), 0)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": i}], add_generation_prompt=True, tokenize=False)
+        for i in instructions
+    ]
+    if tokenizer.pad_token is None:  # only this batch's padding reads it (masked out)
+        tokenizer.pad_token_id = pad
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts = []
-    with torch.inference_mode():
-        for instruction in instructions:
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
-            )
-            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=answer_tokens, do_sample=False)
-            texts.append(prompt + tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=False))
+    try:
+        with torch.inference_mode():
+            for first in range(0, len(prompts), batch):
+                chunk = prompts[first : first + batch]
+                ids = tokenizer(chunk, add_special_tokens=False, return_tensors="pt", padding=True)
+                out = model.generate(**ids, max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad)
+                for prompt, row in zip(chunk, out[:, ids["input_ids"].shape[1] :].tolist(), strict=True):
+                    cut = next((k + 1 for k, token in enumerate(row) if token in ends), len(row))
+                    texts.append(prompt + tokenizer.decode(row[:cut], skip_special_tokens=False))
+    finally:
+        tokenizer.padding_side = side
     return texts
