@@ -48,7 +48,7 @@ METRICS: dict[str, tuple[str, bool]] = {
 NOISE_PERCENT = 2.0  # changes smaller than this are not flagged in tables
 DEFAULT_GATES = ("decode_tps:-15%", "ttft_ms:+25%", "peak_rss_mb:+25%")
 # Figures that time the CPU: on a machine other processes keep busy they measure the load as much as the model.
-TIMED = frozenset({"ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "cpu_percent", "build_s", "warm_start_s",
+TIMED = frozenset({"ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "cpu_percent", "warm_start_s",
                    "bandwidth_efficiency"})  # fmt: skip
 BUSY_CPUS = 0.5  # other processes' CPU use (in CPUs) from which a run is busy (session.spinning decides alike)
 
@@ -358,20 +358,21 @@ def evaluate_gates(gates: Iterable[Gate], current: Mapping[str, float], baseline
     return failures
 
 
-def busy_gates(gates: Iterable[Gate], busy_cpus: float, baseline: RunRecord) -> list[str]:
-    """Why each timing gate cannot be decided: this run, or the baseline run, shared the machine with other
-    processes using ``BUSY_CPUS`` or more. Comparing a busy run with a quiet one (either way round) measures the
-    load, not the model: a healthy model on a busy CI runner must not fail, nor a slow one pass on a quiet one
-    against a busy baseline. Empty when both ran on a quiet machine (or the baseline predates the record)."""
-    then = float(baseline.details.get("busy_cpus", 0.0))
+def busy_gates(gates: Iterable[Gate], busy_cpus: float, baseline: RunRecord) -> list[tuple[Gate, str]]:
+    """Each timing gate that cannot be decided, with why: this run's timed tests, or the baseline run's, shared
+    the machine with other processes using ``BUSY_CPUS`` or more. Comparing a busy run with a quiet one (either
+    way round) measures the load, not the model: a healthy model on a busy CI runner must not fail, nor a slow
+    one pass on a quiet machine against a busy baseline. Empty when both ran on a quiet machine (or the baseline
+    predates the record)."""
+    then = float((baseline.details or {}).get("busy_cpus", 0.0))
     if busy_cpus < BUSY_CPUS and then < BUSY_CPUS:
         return []
     which = (
-        f"other processes used {busy_cpus:.1f} CPUs during this run"
+        f"other processes used {busy_cpus:.1f} CPUs during this run's timed tests"
         if busy_cpus >= BUSY_CPUS
         else f"other processes used {then:.1f} CPUs during the baseline run {baseline.name!r}"
     )
-    return [f"gate {g.metric}:{g.limit} not decided: {which}" for g in gates if g.metric in TIMED]
+    return [(g, f"gate {g.metric}:{g.limit} not decided: {which}") for g in gates if g.metric in TIMED]
 
 
 def gates_passed_line(gates: Iterable[Gate], current: Mapping[str, float], baseline: RunRecord) -> str:

@@ -76,30 +76,46 @@ def cpus_busy_elsewhere(seconds: float = 0.3) -> float:
 
 
 class OtherLoad:
-    """Other processes' CPU use since this object was made, in CPUs on average: the whole machine's busy time
-    less this process's own and its descendants' (the model-alone measurement's child, pytest-xdist's workers)."""
+    """Other processes' CPU use, in CPUs on average: the machine's busy time less this process's own and its
+    descendants' (pytest-xdist's workers, the model-alone child, and what they ran). Measured over the spans
+    between :meth:`resume` and :meth:`pause` (the timed tests) when there were any, else since it was made (an
+    xdist controller, whose workers time)."""
 
     def __init__(self) -> None:
         self._start = self._snapshot()
+        self._span: tuple[float, float, float] | None = None
+        self._wall = self._others = 0.0
 
     @staticmethod
     def _snapshot() -> tuple[float, float, float]:
         machine = psutil.cpu_times()
-        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        # Linux counts guest time inside user and nice already; idle and iowait are not work.
+        busy = sum(machine) - machine.idle - sum(getattr(machine, f, 0.0) for f in ("iowait", "guest", "guest_nice"))
         process = psutil.Process()
         times = process.cpu_times()
-        own = times.user + times.system + times.children_user + times.children_system  # ended children too
+        own = times.user + times.system + times.children_user + times.children_system  # and its ended children
         for child in process.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 child_times = child.cpu_times()
-                own += child_times.user + child_times.system
+                own += child_times.user + child_times.system + child_times.children_user + child_times.children_system
         return time.monotonic(), busy, own
 
+    @staticmethod
+    def _between(first: tuple[float, float, float], last: tuple[float, float, float]) -> tuple[float, float]:
+        """(wall seconds, other processes' CPU seconds) from ``first`` to ``last``."""
+        return last[0] - first[0], max(0.0, (last[1] - first[1]) - (last[2] - first[2]))
+
+    def resume(self) -> None:
+        self._span = self._snapshot()
+
+    def pause(self) -> None:
+        if self._span is not None:
+            wall, others = self._between(self._span, self._snapshot())
+            self._wall, self._others, self._span = self._wall + wall, self._others + others, None
+
     def cpus(self) -> float:
-        wall, busy, own = self._snapshot()
-        start_wall, start_busy, start_own = self._start
-        elapsed = wall - start_wall
-        return max(0.0, ((busy - start_busy) - (own - start_own)) / elapsed) if elapsed > 0 else 0.0
+        wall, others = (self._wall, self._others) if self._wall > 0 else self._between(self._start, self._snapshot())
+        return others / wall if wall > 0 else 0.0
 
 
 def in_use_rss_bytes() -> int:

@@ -84,8 +84,8 @@ class GateResult:
     def to_markdown(self) -> list[str]:
         if self.failed:
             return [f"❌ **{self.summary}**", "", *[f"- {reason}" for reason in self.reasons]]
-        if self.status == "inconclusive":
-            return [f"⚠️ {self.summary}", "", *[f"- {reason}" for reason in self.reasons]]
+        if self.status == "inconclusive":  # the reasons are listed with the run's other undecided verdicts
+            return [f"⚠️ {self.summary}"]
         return [f"{'✅' if self.status == 'passed' else '🆕'} {self.summary}"]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pytest_slmdeploy import measure
-from pytest_slmdeploy.bench import DEFAULT_GATES, Gate, metrics_of
+from pytest_slmdeploy.bench import BUSY_CPUS, DEFAULT_GATES, Gate, metrics_of
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import BuildError, SlmDeployError, describe
@@ -28,8 +28,6 @@ from pytest_slmdeploy.report import (
     family_of,
 )
 from pytest_slmdeploy.settings import AUTO_PRECISION, Settings
-
-BUSY_CPUS = 0.5  # other processes' CPU use at the start of a run from which ONNX Runtime's threads stop spinning
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
 GATE_ITEM_ID = "slmdeploy::benchmark_gates"
@@ -397,6 +395,18 @@ class SlmDeploySession:
                 metrics["warm_start_s"] = round(self._deployment.stage_seconds, 4)
         return metrics
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Any:
+        """Other processes' load is measured while the timed tests run (the gates judge their figures)."""
+        timed = any(item.get_closest_marker(name) for name in ("slm_benchmark", "slm_lengths"))
+        if timed:
+            self.other_load.resume()
+        try:
+            return (yield)
+        finally:
+            if timed:
+                self.other_load.pause()
+
     def judge_gates(self, *, by_item: bool = False) -> GateResult:
         """The gates' verdict on the metrics recorded so far, judged once: by the gate item or at the end."""
         self.gate_item_ran |= by_item
@@ -433,8 +443,11 @@ class SlmDeploySession:
                 ),
             )
         metrics = self._run_metrics()
-        undecided = bench.busy_gates(self.gates, self.other_load.cpus(), baseline)
-        decided = [g for g in self.gates if not any(u.startswith(f"gate {g.metric}:") for u in undecided)]
+        # A gate that cannot be evaluated (its metric missing) fails, busy or not; only the others can be undecided.
+        present = [g for g in self.gates if g.metric in metrics and g.metric in baseline.metrics]
+        busy = bench.busy_gates(present, self.other_load.cpus(), baseline)
+        undecided = [reason for _, reason in busy]
+        decided = [g for g in self.gates if g not in {gate for gate, _ in busy}]
         failures = bench.evaluate_gates(decided, metrics, baseline)
         if failures or (undecided and self.settings.fail_inconclusive):
             return GateResult("failed", f"benchmark gates FAILED against {baseline.name!r}", (*failures, *undecided))
@@ -517,12 +530,10 @@ class SlmDeploySession:
             for line in table:
                 terminalreporter.write_line(f"  {line}")
         gates = self.report.gates
-        for reason in gates.reasons if gates else ():
+        for reason in gates.reasons if gates is not None and gates.failed else ():
             terminalreporter.write_line(f"benchmark gate FAILED: {reason}", red=True)
-        if gates is not None and not gates.failed:
+        if gates is not None and not gates.failed:  # an undecided gate's reasons are among the inconclusive lines
             terminalreporter.write_line(gates.summary, green=gates.status == "passed", yellow=gates.status != "passed")
-            for reason in gates.reasons:  # an undecided gate says why
-                terminalreporter.write_line(f"  {reason}", yellow=True)
         if self.bench_saved is not None:
             terminalreporter.write_line(f"benchmark history: appended to {self.bench_saved}")
         if isinstance(self._deployment, SlmDeployError):

@@ -417,7 +417,9 @@ def test_skipped_checks_are_not_passed_in_any_report() -> None:
     assert len(data["not_checked"]) == 2
 
 
-# The same runtime, its decode 20% slower: it waits a quarter of each answer's decode time, and reports it.
+# The same runtime, its decode 20% slower: it works a quarter of each answer's decode time more, and reports it.
+# It spins rather than sleeps: after a sleep the tiny model's next decode ran slower still (a 40.5% drop in one
+# fresh-clone CI run, against about 20% planted).
 SLOWER_DECODE = """
 import dataclasses, time
 import pytest
@@ -429,7 +431,9 @@ class SlowerDecode:
     def generate(self, prompt, **kwargs):
         answer = self.model.generate(prompt, **kwargs)
         extra = 0.25 * (answer.total_s - answer.ttft_s)
-        time.sleep(extra)
+        end = time.perf_counter() + extra
+        while time.perf_counter() < end:
+            pass
         return dataclasses.replace(
             answer, total_s=answer.total_s + extra, step_s=tuple(1.25 * s for s in answer.step_s)
         )
@@ -449,7 +453,10 @@ def test_a_twenty_percent_slower_decode_fails_the_gate(
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark disables itself in the run
     args = ("--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "-m", "slm_benchmark",
             "-p", "no:cacheprovider", "--slm-bench-history", str(tmp_path / "history"),
-            "--rootdir", str(pytester.path), "-o", "slm_benchmark_rounds=10")  # fmt: skip  # conftest: below
+            "--rootdir", str(pytester.path), "-o", "slm_benchmark_rounds=10", "-o", "slm_threads=1")  # fmt: skip
+    # One thread: at two, the tiny model's decode (40 us a token, mostly the thread pool's hand-offs) moved by up to
+    # 40% between processes, and the proof failed 2 of 4 and 3 of 8 times; at one, 6 of 6 passed.
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=2, skipped=1)  # warm: a first run read 10-35% slow
     saved = pytester.runpytest_subprocess(*args, "--slm-bench-save", "--slm-bench-name", "base")
     saved.assert_outcomes(passed=2, skipped=1)
     pytester.makeconftest(SLOWER_DECODE)
@@ -480,8 +487,8 @@ def test_a_busy_run_or_baseline_leaves_only_the_timing_gates_undecided(
 ) -> None:
     gates = [bench.Gate.parse("decode_tps:-15%"), bench.Gate.parse("peak_rss_mb:+25%")]
     found = bench.busy_gates(gates, now, _baseline(then))
-    assert [reason.split()[1].split(":")[0] for reason in found] == undecided
-    assert all("not decided: other processes used" in reason for reason in found)
+    assert [gate.metric for gate, _ in found] == undecided
+    assert all("not decided: other processes used" in reason for _, reason in found)
 
 
 BURN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
@@ -539,12 +546,14 @@ def test_a_healthy_model_on_a_busy_machine_does_not_fail_its_timing_gates(
     assert busy.ret == pytest.ExitCode.OK, busy.stdout.str()[-3000:]
     busy.stdout.fnmatch_lines(
         [
+            "inconclusive (not a failure): Benchmark: gate decode_tps:-15% not decided: other processes used *CPUs "
+            "during this run's timed tests",
+            "inconclusive (not a failure): Benchmark: gate ttft_ms:+25% not decided: *",
             "benchmark gates not decided against 'base'; benchmark gates passed against 'base' (*): peak_rss_mb *",
-            "  gate decode_tps:-15% not decided: other processes used *CPUs during this run",
-            "  gate ttft_ms:+25% not decided: other processes used *CPUs during this run",
         ]
     )
+    assert "benchmark gate FAILED" not in busy.stdout.str()
     assert strict.ret == pytest.ExitCode.TESTS_FAILED, strict.stdout.str()[-3000:]
     strict.stdout.fnmatch_lines(["*gate decode_tps:-15% not decided: other processes used *"])
     saved = [json.loads(line) for line in (tmp_path / "history").glob("*.jsonl").__next__().read_text().splitlines()]
-    assert saved[0]["details"]["busy_cpus"] < 0.5 <= saved[1]["details"]["busy_cpus"]  # the record says so
+    assert saved[-1]["details"]["busy_cpus"] >= 0.5  # the record says so
