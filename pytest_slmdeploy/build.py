@@ -97,10 +97,11 @@ class BuildResult:
 
 
 @contextlib.contextmanager
-def _offline_env(calibration_cache: Path | None = None) -> Iterator[None]:
+def _offline_env(calibration_cache: tuple[Path, str] | None = None) -> Iterator[None]:
     overrides = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if calibration_cache is not None:  # read by olive_data.py, inside Olive (the recipe must not name it)
-        overrides["SLMDEPLOY_CALIBRATION_CACHE"] = str(calibration_cache)
+    if calibration_cache is not None:  # read by olive_data.py, inside Olive (the recipe must not name them)
+        overrides["SLMDEPLOY_CALIBRATION_CACHE"] = str(calibration_cache[0])
+        overrides["SLMDEPLOY_CALIBRATION_SOURCE"] = calibration_cache[1]
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)
     try:
@@ -159,10 +160,11 @@ def run_olive(
     *,
     log_path: Path | None = None,
     progress: Progress = lambda message: None,
-    calibration_cache: Path | None = None,
+    calibration_cache: tuple[Path, str] | None = None,
 ) -> BuildResult:
     """Run an Olive workflow (see :func:`olive_config`) into ``output_dir``; raise :class:`BuildError`.
-    ``calibration_cache``: where the source's calibration answers are kept between builds (olive_data.py)."""
+    ``calibration_cache``: (folder, the source's content fingerprint): where the source's calibration answers are
+    kept between builds (olive_data.py)."""
     # A deep copy: olive.run() rewrites the config it is given, and the recipe goes into the manifest.
     config = {**copy.deepcopy(recipe), "cache_dir": str(work_dir / "olive-cache"), "output_dir": str(output_dir)}
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -191,7 +191,7 @@ def deploy(plan: Plan, *, progress: Progress = lambda message: None) -> Deployme
             log_path = cache.logs_dir / f"{name}.build.log"  # kept after a failure: errors point to it
             result = build.run_olive(
                 plan.recipe, staging.model, staging.work, log_path=log_path, progress=progress,
-                calibration_cache=cache.root / ".calibration",
+                calibration_cache=(cache.root / ".calibration", plan.source_fingerprint),
             )  # fmt: skip
             _install_files(staging.model, plan)
             progress("checking that the built model loads and generates")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +20,45 @@ from olive.data.registry import Registry
 
 from pytest_slmdeploy.recipes import CALIBRATION_DATASET
 
-# Where build.run_olive keeps the source's calibration answers between builds (the ladder's int4 rungs share them).
+# Where build.run_olive keeps the source's calibration answers between builds (the ladder's int4 rungs share them),
+# and the source's content fingerprint they are keyed on (no fingerprint, no reuse).
 CACHE_ENV = "SLMDEPLOY_CALIBRATION_CACHE"
+SOURCE_ENV = "SLMDEPLOY_CALIBRATION_SOURCE"
+SCHEMA = 2  # how the answers are made (batched, left-padded, cut after the first end token): a change makes anew
 
 
-def _cached_texts_path(source: str, params: dict[str, Any]) -> Path | None:
-    """The answers' file for this source (its files' names, sizes and times) and these settings, or None."""
-    folder = os.environ.get(CACHE_ENV)
-    if not folder:
+def _cached_texts_path(params: dict[str, Any]) -> Path | None:
+    """The answers' file for this source's content and these settings, or None."""
+    folder, source = os.environ.get(CACHE_ENV), os.environ.get(SOURCE_ENV)
+    if not folder or not source:
         return None
+    import tokenizers
     import torch
     import transformers
 
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source).iterdir() if p.is_file())
-    versions = (torch.__version__, transformers.__version__)
-    key = json.dumps([files, params, versions], sort_keys=True)
+    from pytest_slmdeploy import __version__
+
+    versions = (torch.__version__, transformers.__version__, tokenizers.__version__, __version__)
+    key = json.dumps([source, params, SCHEMA, versions], sort_keys=True)
     return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _read_texts(path: Path, count: int) -> list[str] | None:
+    """The cached answers, or None when missing, unreadable or not one per instruction (then made anew)."""
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(texts, list) and len(texts) == count and all(isinstance(t, str) for t in texts)
+    return texts if ok else None
+
+
+def _write_texts(path: Path, texts: list[str]) -> None:
+    """Atomically, through a file of this writer's own (two builds of one source may write at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".partial", delete=False) as fh:
+        json.dump(texts, fh)
+    Path(fh.name).replace(path)
 
 
 @Registry.register_dataset(CALIBRATION_DATASET)  # type: ignore[untyped-decorator]  # Olive is untyped
@@ -54,17 +78,14 @@ def calibration_dataset(
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if chat_template is not None:  # the user's choice over the model's own (--slm-chat-template), as deployed
         tokenizer.chat_template = chat_template
-    cached = _cached_texts_path(source, {"instructions": instructions, "answer_tokens": answer_tokens,
-                                         "chat_template": chat_template})  # fmt: skip
-    if cached is not None and cached.is_file():
-        texts = json.loads(cached.read_text(encoding="utf-8"))
-    else:
+    params = {"instructions": instructions, "answer_tokens": answer_tokens, "chat_template": chat_template,
+              "trust_remote_code": trust_remote_code}  # fmt: skip
+    cached = _cached_texts_path(params)
+    texts = _read_texts(cached, len(instructions)) if cached is not None else None
+    if texts is None:
         texts = _answers(source, tokenizer, instructions, answer_tokens, trust_remote_code)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_suffix(".partial")
-            partial.write_text(json.dumps(texts), encoding="utf-8")
-            partial.replace(cached)
+            _write_texts(cached, texts)
     ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
     while len(ids) < seq_len:  # a tiny model's short answers: repeat rather than give GPTQ nothing
         ids = ids + ids
@@ -92,9 +113,10 @@ def _answers(
         tokenizer.apply_chat_template([{"role": "user", "content": i}], add_generation_prompt=True, tokenize=False)
         for i in instructions
     ]
-    if tokenizer.pad_token is None:  # only this batch's padding reads it (masked out)
+    side, had_pad = tokenizer.padding_side, tokenizer.pad_token
+    if had_pad is None:  # only the padding of these batches reads it (masked out)
         tokenizer.pad_token_id = pad
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    tokenizer.padding_side = "left"
     texts = []
     try:
         with torch.inference_mode():
@@ -107,4 +129,6 @@ def _answers(
                     texts.append(prompt + tokenizer.decode(row[:cut], skip_special_tokens=False))
     finally:
         tokenizer.padding_side = side
+        if had_pad is None:
+            tokenizer.pad_token = None
     return texts

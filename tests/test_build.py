@@ -248,6 +248,7 @@ def test_calibration_answers_are_made_once_per_source(
     from pytest_slmdeploy import olive_data
 
     monkeypatch.setenv(olive_data.CACHE_ENV, str(tmp_path / "calibration"))
+    monkeypatch.setenv(olive_data.SOURCE_ENV, "fingerprint-of-the-source")
     made: list[int] = []
     answers = olive_data._answers
 
@@ -263,6 +264,14 @@ def test_calibration_answers_are_made_once_per_source(
     assert [row[1].tolist() for row in again] == [row[1].tolist() for row in first]
     olive_data.calibration_dataset(str(tiny_model), instructions, answer_tokens=9)  # other settings: made again
     assert made == [1, 1]
+    for stored in (tmp_path / "calibration").glob("*.json"):
+        stored.write_text('["cut short')  # an unreadable file is made anew, never a failed build
+    olive_data.calibration_dataset(str(tiny_model), instructions, answer_tokens=8)
+    assert made == [1, 1, 1]
+    assert not list((tmp_path / "calibration").glob("*.partial"))
+    monkeypatch.setenv(olive_data.SOURCE_ENV, "another-source-content")  # same folder, other weights
+    olive_data.calibration_dataset(str(tiny_model), instructions, answer_tokens=8)
+    assert made == [1, 1, 1, 1]
     monkeypatch.delenv(olive_data.CACHE_ENV)
     olive_data.calibration_dataset(str(tiny_model), instructions, answer_tokens=8)  # no cache: always made
-    assert made == [1, 1, 1]
+    assert made == [1, 1, 1, 1, 1]
