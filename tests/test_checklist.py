@@ -138,6 +138,7 @@ def test_stop_rate_is_decided_on_its_interval(stopped: int, missed: int, verdict
 def test_a_stop_rate_limit_of_one_means_every_answer() -> None:
     assert _stops(3, 0, limit=1.0).verdict == "pass"
     assert _stops(300, 1, limit=1.0).verdict == "fail"
+    assert "1 of 301 did not stop; the limit 100% claims every answer" in _stops(300, 1, limit=1.0).explain()
     assert _stops(0, 5, limit=0.0).verdict == "pass"
 
 

@@ -202,6 +202,9 @@ class StopRate:
         misses = [r for r in self.results if r.generation.finish_reason != "stop"]
         shown = "; ".join(f"{r.prompt!r} -> {r.generation.text[:60]!r}" for r in misses[:5])
         more = f" (and {len(misses) - 5} more)" if len(misses) > 5 else ""
+        if self.limit >= 1:
+            told = f"{len(misses)} of {self.answers} did not stop; the limit 100% claims every answer"
+            return f"stop rate {self.stopped}/{self.answers}: {told}" + (f": {shown}{more}" if misses else "")
         what = {
             "fail": "below",
             "inconclusive": "too few answers to tell it from",
