@@ -100,8 +100,8 @@ class BuildResult:
 def _offline_env(calibration_cache: tuple[Path, str] | None = None) -> Iterator[None]:
     overrides = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if calibration_cache is not None:  # read by olive_data.py, inside Olive (the recipe must not name them)
-        overrides["SLMDEPLOY_CALIBRATION_CACHE"] = str(calibration_cache[0])
-        overrides["SLMDEPLOY_CALIBRATION_SOURCE"] = calibration_cache[1]
+        overrides[recipes.CALIBRATION_CACHE_ENV] = str(calibration_cache[0])
+        overrides[recipes.CALIBRATION_SOURCE_ENV] = calibration_cache[1]
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)
     try:

@@ -18,12 +18,11 @@ from typing import Any
 
 from olive.data.registry import Registry
 
-from pytest_slmdeploy.recipes import CALIBRATION_DATASET
+from pytest_slmdeploy.recipes import CALIBRATION_CACHE_ENV, CALIBRATION_DATASET, CALIBRATION_SOURCE_ENV
 
 # Where build.run_olive keeps the source's calibration answers between builds (the ladder's int4 rungs share them),
 # and the source's content fingerprint they are keyed on (no fingerprint, no reuse).
-CACHE_ENV = "SLMDEPLOY_CALIBRATION_CACHE"
-SOURCE_ENV = "SLMDEPLOY_CALIBRATION_SOURCE"
+CACHE_ENV, SOURCE_ENV = CALIBRATION_CACHE_ENV, CALIBRATION_SOURCE_ENV
 SCHEMA = 2  # how the answers are made (batched, left-padded, cut after the first end token): a change makes anew
 
 

@@ -26,6 +26,9 @@ from pytest_slmdeploy.source import SourceModel, weight_shapes
 
 EMBEDDING_GATHER = "/model/embed_tokens/Gather"
 CALIBRATION_DATASET = "slmdeploy_calibration"  # olive_data.py registers it under this name
+# How a build hands olive_data.py (inside Olive) the cache of calibration answers and the source's fingerprint.
+CALIBRATION_CACHE_ENV = "SLMDEPLOY_CALIBRATION_CACHE"
+CALIBRATION_SOURCE_ENV = "SLMDEPLOY_CALIBRATION_SOURCE"
 # ONNX passes after the builder: weights beside the graph, as the builder writes them (a protobuf stops at 2 GB).
 _EXTERNAL_DATA = {
     "save_as_external_data": True,
