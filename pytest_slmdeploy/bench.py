@@ -31,6 +31,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "ttft_ms": ("ms", False),
     "prefill_tps": ("tokens/s", True),
     "decode_tps": ("tokens/s", True),
+    "decode_cpu_us": ("us", False),  # CPU time per decoded token, model alone on one thread (measure.model_alone)
     "e2e_ms": ("ms", False),
     "peak_rss_mb": ("MB", False),  # the deployed model alone in a fresh process (measure.model_alone)
     "process_peak_rss_mb": ("MB", False),  # the pytest process while benchmarking: reported, not gated
@@ -46,7 +47,7 @@ METRICS: dict[str, tuple[str, bool]] = {
 }
 # Defaults chosen from run-to-run spread on 2 cores (docs/benchmarks.md): wide enough not to fire on noise.
 NOISE_PERCENT = 2.0  # changes smaller than this are not flagged in tables
-DEFAULT_GATES = ("decode_tps:-15%", "ttft_ms:+25%", "peak_rss_mb:+25%")
+DEFAULT_GATES = ("decode_tps:-15%", "decode_cpu_us:+15%", "ttft_ms:+25%", "peak_rss_mb:+25%")
 # Figures that time the CPU: on a machine other processes keep busy they measure the load as much as the model.
 TIMED = frozenset({"ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "cpu_percent", "warm_start_s",
                    "bandwidth_efficiency"})  # fmt: skip
@@ -110,8 +111,7 @@ class GenerationStats:
 
 # The per-round figures a gate can judge, and the interval that says how precise each is.
 INTERVAL_OF = {"decode_tps": "decode_interval", "ttft_ms": "ttft_interval", "prefill_tps": "ttft_interval"}
-
-
+CPU_PER_TOKEN = "decode_cpu_us"  # measured by measure.model_alone, decided on a busy machine too
 BENCH_PREFIX = "slm_bench:"  # user property "slm_bench:<metric>" -> value (travels like figures under xdist)
 
 
@@ -373,6 +373,20 @@ def busy_gates(gates: Iterable[Gate], busy_cpus: float, baseline: RunRecord) -> 
         else f"other processes used {then:.1f} CPUs during the baseline run {baseline.name!r}"
     )
     return [(g, f"gate {g.metric}:{g.limit} not decided: {which}") for g in gates if g.metric in TIMED]
+
+
+def gates_the_baseline_predates(
+    gates: Iterable[Gate], current: Mapping[str, float], baseline: RunRecord
+) -> list[tuple[Gate, str]]:
+    """Each gate whose metric this run measured and the baseline run has not (it was recorded before the metric
+    existed, or with its test deselected), with why: the evidence cannot decide it, as a newly added default gate
+    must not fail every history kept so far."""
+    return [
+        (g, f"gate {g.metric}:{g.limit} not decided: the baseline run {baseline.name!r} of {_when(baseline)} has no "
+            f"{g.metric} (save a new baseline with --slm-bench-save)")
+        for g in gates
+        if g.metric in current and g.metric not in baseline.metrics
+    ]  # fmt: skip
 
 
 def gates_passed_line(gates: Iterable[Gate], current: Mapping[str, float], baseline: RunRecord) -> str:

@@ -180,7 +180,8 @@ class RungJudge:
             reasons.append(
                 f"{len(missed)}/{len(self.cases)} domain cases missed (first: {case_id!r}: {', '.join(what)})"
             )
-        speed = measure.model_alone(deployment.entry_dir, threads=self.settings.threads) if self.measure_speed else {}
+        alone = measure.model_alone(deployment.entry_dir, threads=self.settings.threads) if self.measure_speed else {}
+        speed = {key: alone[key] for key in ("decode_tps", "ttft_ms", "peak_rss_mb") if key in alone}
         manifest = deployment.manifest
         return Rung(
             precision=precision,

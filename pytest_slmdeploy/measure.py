@@ -175,8 +175,7 @@ class Stopwatch:
 # The deployed model alone in a fresh process: its peak RSS is the model's, not that of the pytest process
 # (which holds Olive, torch and the fp32 source for the fidelity references, 575 MB for a 0.3 MB model).
 _ALONE = """
-import json, resource, sys
-from collections.abc import Callable
+import json, resource, sys, time
 from pathlib import Path
 from statistics import median
 def peak_bytes():
@@ -189,27 +188,54 @@ def peak_bytes():
 
 from pytest_slmdeploy.checklist.lengths import prompt_of_tokens
 from pytest_slmdeploy.runtime import open_model
-model = open_model("ort-genai", Path(sys.argv[1]), cache_root=Path(sys.argv[1]), model_name="alone",
-                   threads=int(sys.argv[5]))
+entry, prompt_tokens, new, rounds, threads, spinning, seconds, max_rounds = sys.argv[1:]
+model = open_model("ort-genai", Path(entry), cache_root=Path(entry), model_name="alone", threads=int(threads),
+                   spinning={"on": True, "off": False}.get(spinning))
 backend = model.backend
-prompt = prompt_of_tokens(int(sys.argv[2]), lambda text: len(backend.encode(backend.render(text))))
-new = int(sys.argv[3])
-runs = [model.generate(prompt, max_new_tokens=new, min_new_tokens=new) for _ in range(int(sys.argv[4]) + 1)][1:]
+prompt = prompt_of_tokens(int(prompt_tokens), lambda text: len(backend.encode(backend.render(text))))
+def one():
+    return model.generate(prompt, max_new_tokens=int(new), min_new_tokens=int(new))
+one()
+runs = [one() for _ in range(int(rounds))]
+start = time.perf_counter()
+while time.perf_counter() - start < float(seconds) and len(runs) < int(max_rounds):
+    runs.append(one())
+cpu = [1e6 * r.decode_cpu_s / max(1, r.new_tokens - 1) for r in runs]
 print(json.dumps({
     "decode_tps": round(median(r.decode_tokens_per_s for r in runs), 2),
     "ttft_ms": round(median(r.ttft_s for r in runs) * 1000, 2),
+    "decode_cpu_us": round(min(cpu), 2),
+    "rounds": len(runs),
+    "tokens": sum(r.new_tokens - 1 for r in runs),
     "peak_rss_mb": round(peak_bytes() / 1e6, 1),
 }))
 """
+# CPU microseconds per decoded token on one thread that does not spin: the work the model does. Other processes
+# lengthen the wall time, not this; the host's own noise (other tenants on a shared core) only adds to a round, so
+# the least round is the figure: on this project's 2-core VM the tiny model read 39.7-41.8 us in 12 processes
+# (medians 41.7-66.7 us) and 39.7-40.9 us beside two CPU-bound processes; SmolLM2 int8 10.1-10.5 ms in both.
+CPU_PROMPT_TOKENS = 16
+CPU_SECONDS = 2.0
 
 
 def model_alone(
-    entry_dir: Path, prompt_tokens: int = 128, new_tokens: int = 32, rounds: int = 5, *, threads: int
+    entry_dir: Path,
+    prompt_tokens: int = 128,
+    new_tokens: int = 32,
+    rounds: int = 5,
+    *,
+    threads: int,
+    spinning: bool | None = None,
+    seconds: float = 0.0,
+    max_rounds: int = 1000,
 ) -> dict[str, float]:
-    """Median decode tok/s and TTFT at a 128-token prompt, and the peak RSS (VmHWM) of a fresh process that
-    loads only this model (ONNX Runtime GenAI) and generates with it: ``peak_rss_mb`` wherever it is reported."""
-    args = [str(entry_dir), str(prompt_tokens), str(new_tokens), str(rounds), str(threads)]
-    done = subprocess.run([sys.executable, "-c", _ALONE, *args], capture_output=True, text=True, check=False)
+    """Median decode tok/s and TTFT, the least CPU microseconds per decoded token of a round (``decode_cpu_us``:
+    the model's work per token when ``threads`` is 1 and ``spinning`` off), and the peak RSS (VmHWM) of a fresh
+    process that loads only this model (ONNX Runtime GenAI) and generates with it: ``peak_rss_mb`` wherever it is
+    reported. One warm-up, then ``rounds`` generations, and more for ``seconds`` (at most ``max_rounds``)."""
+    spin = "default" if spinning is None else ("on" if spinning else "off")
+    args = [entry_dir, prompt_tokens, new_tokens, rounds, threads, spin, seconds, max_rounds]
+    done = subprocess.run([sys.executable, "-c", _ALONE, *map(str, args)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise SlmDeployError(f"measuring {entry_dir} in a process of its own failed: {last}")

@@ -97,7 +97,7 @@ _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
      {"metavar": "last|NAME|FILE"}),
     ("--slm-bench-gate", "slm_bench_gate", "string",
      "a regression gate METRIC:N% (repeatable), e.g. decode_tps:-5% or peak_rss_mb:+10%; "
-     "default with a baseline: decode_tps:-15% ttft_ms:+25% peak_rss_mb:+25%.",
+     "default with a baseline: decode_tps:-15% decode_cpu_us:+15% ttft_ms:+25% peak_rss_mb:+25%.",
      {"metavar": "GATE", "action": "append"}),
     ("--slm-bench-export", "slm_bench_export", "string",
      "write the metrics for github-action-benchmark (customBiggerIsBetter/SmallerIsBetter) to FILE.",

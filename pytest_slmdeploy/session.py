@@ -54,6 +54,7 @@ class SlmDeploySession:
         self.report = RunReport()
         self.bench_metrics: dict[str, float] = {}
         self._alone: dict[str, float] | None = None
+        self.alone_figures: dict[str, float] = {}  # everything the child measured (rounds, intervals)
         self.gate_result: GateResult | None = None
         self.gate_item_collected = self.gate_item_ran = False
         self.bench_saved: Path | None = None
@@ -360,6 +361,12 @@ class SlmDeploySession:
         for key in ("ttft_ms", "peak_rss_mb"):
             if key in metrics:  # not when only the fidelity family's figures reached the history
                 self.report.families.setdefault("benchmark", FamilyResult("benchmark")).figures[key] = metrics[key]
+        alone = self.alone_figures
+        if bench.CPU_PER_TOKEN in metrics and alone:
+            self.report.families.setdefault("benchmark", FamilyResult("benchmark")).figures[bench.CPU_PER_TOKEN] = (
+                f"{alone['decode_cpu_us']:g} (the least of {alone['rounds']:g} rounds, {alone['tokens']:g} tokens, "
+                "on 1 thread)"
+            )
         self.report.gates = verdict  # the gate item itself counts in the benchmark row, as its report came in
         if verdict is not None and verdict.failed:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -370,14 +377,21 @@ class SlmDeploySession:
         return bench.History(self.settings.bench_history or self.config.rootpath / ".slmdeploy" / "history")
 
     def _model_alone(self, entry_dir: Path) -> dict[str, float]:
-        """``peak_rss_mb``: the installed model alone in a fresh process, once per session (measure.model_alone);
-        the pytest process also holds Olive, torch and the source model, so its own peak is no model figure."""
+        """``peak_rss_mb`` and ``decode_cpu_us``: the installed model alone in a fresh process, once per session
+        (measure.model_alone); the pytest process also holds Olive, torch and the source model, so its own peak is
+        no model figure. The child decodes on one thread that does not spin, so its CPU time per token is the work
+        the model does: a figure other processes on the machine do not move, which the gates decide on a busy run."""
         if self._alone is None:
+            from pytest_slmdeploy.bench import CPU_PER_TOKEN
+
+            new_tokens = int(self.settings.limits["benchmark_new_tokens"])
             try:
-                figures = measure.model_alone(entry_dir, rounds=1, threads=self.settings.threads)
-                self._alone = {"peak_rss_mb": figures["peak_rss_mb"]}
+                figures = measure.model_alone(entry_dir, measure.CPU_PROMPT_TOKENS, new_tokens, rounds=3, threads=1,
+                                              spinning=False, seconds=measure.CPU_SECONDS)  # fmt: skip
+                self._alone = {"peak_rss_mb": figures["peak_rss_mb"], CPU_PER_TOKEN: figures["decode_cpu_us"]}
+                self.alone_figures = figures
             except SlmDeployError as exc:
-                self.report.notes.append(f"peak RSS of the model alone not measured: {exc}")
+                self.report.notes.append(f"the model alone in a process of its own not measured: {exc}")
                 self._alone = {}
         return self._alone
 
@@ -443,11 +457,13 @@ class SlmDeploySession:
                 ),
             )
         metrics = self._run_metrics()
-        # A gate that cannot be evaluated (its metric missing) fails, busy or not; only the others can be undecided.
+        # A gate whose metric this run lacks fails, busy or not (its check did not happen); one the baseline lacks
+        # (recorded before the metric was) and a timing gate on a busy machine are undecided.
         present = [g for g in self.gates if g.metric in metrics and g.metric in baseline.metrics]
-        busy = bench.busy_gates(present, self.other_load.cpus(), baseline)
-        undecided = [reason for _, reason in busy]
-        decided = [g for g in self.gates if g not in {gate for gate, _ in busy}]
+        unjudged = [*bench.gates_the_baseline_predates(self.gates, metrics, baseline),
+                    *bench.busy_gates(present, self.other_load.cpus(), baseline)]  # fmt: skip
+        undecided = [reason for _, reason in unjudged]
+        decided = [g for g in self.gates if g not in {gate for gate, _ in unjudged}]
         failures = bench.evaluate_gates(decided, metrics, baseline)
         if failures or (undecided and self.settings.fail_inconclusive):
             return GateResult("failed", f"benchmark gates FAILED against {baseline.name!r}", (*failures, *undecided))

@@ -6,24 +6,36 @@ Issue 21 asks that every proof fail only its family in 20 of 20 runs with two CP
 and the healthy example model pass 20 of 20 under the same load. This writes each proof's conftest (the same
 text the tests use), makes the models the fidelity proofs build from (the FAQ model trained from another seed,
 and the example model with noise of 0.42 x each weight matrix's RMS), and runs ``scripts/under_load.py`` on the
-example model for each. It prints one line per proof and exits 1 if any run was not as expected.
+example model for each. The gated runs compare with a baseline saved first on the quiet machine: the healthy
+model, and a runtime whose decode is about 20% slower (a sitecustomize, as tests/test_bench.py plants it). It
+prints one line per proof and exits 1 if any run was not as expected.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "example_project" / "model"
 CACHE = ROOT / "example_project" / ".slmdeploy-cache"
 
 
-def proofs(work: Path) -> dict[str, tuple[str, str, bool]]:
-    """name -> (conftest text, expected outcome, needs a cache of its own: the defect is in the build)."""
+class Proof(NamedTuple):
+    conftest: str  # a conftest.py for the runs ("" for none)
+    expect: str  # pass, or fail:FAMILY
+    own_cache: bool = False  # the defect is in the build
+    sitecustomize: str = ""  # a sitecustomize.py on PYTHONPATH: reaches the model-alone process too
+    gated: bool = False  # the runs are gated against a baseline saved first, on the quiet machine
+
+
+def proofs(work: Path) -> dict[str, Proof]:
     sys.path.insert(0, str(ROOT / "tests"))
+    import test_bench
     import test_checklist_proofs as t
 
     from pytest_slmdeploy.testing.tinydefects import perturbed_copy
@@ -35,17 +47,29 @@ def proofs(work: Path) -> dict[str, tuple[str, str, bool]]:
     near = work / f"perturbed-{t.NEAR_LIMIT_NOISE:g}"
     if not (near / "config.json").is_file():
         perturbed_copy(MODEL, near, t.NEAR_LIMIT_NOISE, seed=1)
-    found: dict[str, tuple[str, str, bool]] = {"healthy": ("", "pass", False)}
+    found: dict[str, Proof] = {"healthy": Proof("", "pass")}
     for kind, (condition, size) in t.KIND_LEAKS.items():
-        found[f"leak: {kind}"] = (t.KIND_LEAK.format(condition=condition, size=size), "fail:memory", False)
+        found[f"leak: {kind}"] = Proof(t.KIND_LEAK.format(condition=condition, size=size), "fail:memory")
     for setting, drop in t.DROPS.items():
-        found[f"drops {setting}"] = (t.DROPS_ONE_SETTING.format(drop=drop), "fail:edge", False)
+        found[f"drops {setting}"] = Proof(t.DROPS_ONE_SETTING.format(drop=drop), "fail:edge")
     for slowdown, (first, step, _) in t.SLOWDOWNS.items():
-        found[slowdown] = (t.SLOW_WITH_LENGTH.format(first=first, step=step), "fail:lengths", False)
-    found["PromptTemplate without its system part"] = (t.DROPPED_TEMPLATE_PART, "fail:format", True)
-    found["another checkpoint"] = (t.BUILT_FROM.format(path=str(other)), "fail:fidelity", True)
-    found["3 points under the top-1 limit"] = (t.BUILT_FROM.format(path=str(near)), "fail:fidelity", True)
+        found[slowdown] = Proof(t.SLOW_WITH_LENGTH.format(first=first, step=step), "fail:lengths")
+    found["PromptTemplate without its system part"] = Proof(t.DROPPED_TEMPLATE_PART, "fail:format", True)
+    found["another checkpoint"] = Proof(t.BUILT_FROM.format(path=str(other)), "fail:fidelity", True)
+    found["3 points under the top-1 limit"] = Proof(t.BUILT_FROM.format(path=str(near)), "fail:fidelity", True)
+    found["healthy, gated against a quiet baseline"] = Proof("", "pass", gated=True)
+    found["decode about 20% slower, gated"] = Proof("", "fail:benchmark", sitecustomize=test_bench.SLOWER_RUNTIME,
+                                                     gated=True)  # fmt: skip
     return found
+
+
+def save_baseline(history: Path, folder: Path) -> None:
+    """The gated proofs' baseline: the benchmarks of the example model on the quiet machine, saved as 'base'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pytest", "--slm-model", str(MODEL), "--slm-cache", str(CACHE),
+               "--slm-bench-history", str(history), "--slm-bench-save", "--slm-bench-name", "base",
+               "-m", "slm_benchmark", "--rootdir", str(folder), "-p", "no:cacheprovider", "-q"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, cwd=folder)
 
 
 def main() -> int:
@@ -56,17 +80,27 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     failed = []
-    for index, (name, (conftest, expect, own_cache)) in enumerate(proofs(args.work).items()):
+    history = args.work / "history"
+    for index, (name, proof) in enumerate(proofs(args.work).items()):
         if args.only is not None and name not in args.only:
             continue
         command = [sys.executable, str(ROOT / "scripts" / "under_load.py"), str(MODEL), "--runs", str(args.runs),
-                   "--expect", expect, "--keep", str(args.work / f"unexpected-{index}"),
-                   "--cache", str(args.work / f"cache-{index}" if own_cache else CACHE)]  # fmt: skip
-        if conftest:
+                   "--expect", proof.expect, "--keep", str(args.work / f"unexpected-{index}"),
+                   "--cache", str(args.work / f"cache-{index}" if proof.own_cache else CACHE)]  # fmt: skip
+        if proof.conftest:
             path = args.work / f"conftest-{index}.py"
-            path.write_text(conftest)
+            path.write_text(proof.conftest)
             command += ["--conftest", str(path)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        env = dict(os.environ)
+        if proof.gated:
+            save_baseline(history, args.work / f"baseline-{index}")
+            command += ["--", "--slm-bench-history", str(history), "--slm-bench-baseline", "base"]
+        if proof.sitecustomize:
+            site = args.work / f"site-{index}"
+            site.mkdir(exist_ok=True)
+            (site / "sitecustomize.py").write_text(proof.sitecustomize)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         (args.work / f"log-{index}.txt").write_text(done.stdout + done.stderr)
         last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
         print(f"{name}: {last}", flush=True)

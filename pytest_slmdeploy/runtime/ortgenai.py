@@ -91,18 +91,19 @@ class OrtGenaiBackend:
         generator.append_tokens(prompt_ids)
         new_ids: list[int] = []
         steps: list[float] = []
-        ttft = 0.0
+        ttft = cpu_start = 0.0
         last = start
         while not generator.is_done():
             generator.generate_next_token()
             new_ids.append(int(generator.get_next_tokens()[0]))
             now = time.perf_counter()
             if len(new_ids) == 1:
-                ttft = now - start
+                ttft, cpu_start = now - start, time.process_time()
             else:
                 steps.append(now - last)
             last = now
         total = last - start
+        decode_cpu = time.process_time() - cpu_start if cpu_start else 0.0
         del generator
         stopped = bool(new_ids) and new_ids[-1] in self.eos_token_ids
         text_ids = new_ids[:-1] if stopped else new_ids
@@ -115,6 +116,7 @@ class OrtGenaiBackend:
             total_s=total,
             token_ids=tuple(text_ids),
             step_s=tuple(steps),
+            decode_cpu_s=decode_cpu,
         )
 
     def close(self) -> None:

@@ -56,6 +56,7 @@ class Generation:
     total_s: float
     token_ids: tuple[int, ...] = ()  # the answer's token ids where the backend exposes them (ORT GenAI)
     step_s: tuple[float, ...] = ()  # seconds of each decode step after the first token, where the backend times them
+    decode_cpu_s: float = 0.0  # this process's CPU seconds from the first token to the last (0: not in-process)
 
     @property
     def decode_tokens_per_s(self) -> float:
