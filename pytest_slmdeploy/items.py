@@ -50,7 +50,7 @@ class CaseItem(pytest.Item):
 
     def runtest(self) -> None:
         from pytest_slmdeploy.checklist.cases import check_case
-        from pytest_slmdeploy.plugin import slm_session
+        from pytest_slmdeploy.stash import slm_session
 
         model = slm_session(self.config).model()
         generation = model.answer(list(self.case.messages), max_new_tokens=self.case.max_tokens)

@@ -21,15 +21,19 @@ from pytest_slmdeploy.settings import (
     BACKENDS,
     FOUNDRY_MODES,
     LIMITS,
+    NO_MODEL,
     PRECISIONS,
     SPINNING_MODES,
-    Settings,
 )
+from pytest_slmdeploy.stash import SESSION_KEY as _session_key
+from pytest_slmdeploy.stash import SETTINGS_KEY as _settings_key
+from pytest_slmdeploy.stash import slm_session
+
+__all__ = ["NO_MODEL", "slm_session"]  # where plugins and tests have imported them from
 
 if TYPE_CHECKING:
     from pytest_slmdeploy.session import SlmDeploySession
 
-NO_MODEL = "no model to test: pass --slm-model PATH or set slm_model in [tool.pytest.ini_options]"
 MARKERS = (
     "slm_domain: domain-answer checks of the deployed model (checklist item 1)",
     "slm_format: response-format checks (checklist item 2)",
@@ -45,8 +49,6 @@ MARKERS = (
 SUITE_NODEID = "slmdeploy"
 MODEL_CASES_NODEID = "slmdeploy-model"
 
-_session_key = pytest.StashKey["SlmDeploySession"]()
-_settings_key = pytest.StashKey[Settings]()
 _selection_key = pytest.StashKey["Selection"]()
 
 # (flag, ini key, ini type, help, extra argparse keywords)
@@ -301,16 +303,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     settings = item.config.stash.get(_settings_key, None)
     if settings is not None and not settings.enabled and any(m.name.startswith("slm_") for m in item.iter_markers()):
         pytest.skip(NO_MODEL)
-
-
-def slm_session(config: pytest.Config) -> SlmDeploySession:
-    """The run's :class:`SlmDeploySession` (for plugins and the plugin's own test items)."""
-    session = config.stash.get(_session_key, None)
-    if session is None:  # a run without a model: made on first use, to answer fixtures with NO_MODEL skips
-        from pytest_slmdeploy.session import SlmDeploySession
-
-        session = config.stash[_session_key] = SlmDeploySession(config, config.stash[_settings_key])
-    return session
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -18,7 +18,6 @@ from pytest_slmdeploy.bench import BUSY_CPUS, DEFAULT_GATES, Gate, metrics_of
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import BuildError, SlmDeployError, describe
-from pytest_slmdeploy.plugin import NO_MODEL
 from pytest_slmdeploy.report import (
     FAMILY_PROPERTY,
     INCONCLUSIVE_PROPERTY,
@@ -27,7 +26,7 @@ from pytest_slmdeploy.report import (
     RunReport,
     family_of,
 )
-from pytest_slmdeploy.settings import AUTO_PRECISION, Settings
+from pytest_slmdeploy.settings import AUTO_PRECISION, NO_MODEL, Settings
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
 GATE_ITEM_ID = "slmdeploy::benchmark_gates"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pytest_slmdeploy.errors import SettingsError
 
+NO_MODEL = "no model to test: pass --slm-model PATH or set slm_model in [tool.pytest.ini_options]"
 # The recipes' names (recipes.RECIPES, checked by a test), and fp16, which the CPU provider refuses with a reason.
 PRECISIONS = ("int4", "int4-mixed", "int8", "fp32", "fp16")
 AUTO_PRECISION = "auto"  # the precision ladder: the smallest recipe that keeps the source's answers

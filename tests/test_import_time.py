@@ -26,6 +26,7 @@ LIGHT = {
     "pytest_slmdeploy.items",
     "pytest_slmdeploy.plugin",
     "pytest_slmdeploy.settings",
+    "pytest_slmdeploy.stash",
 }
 GENEROUS_MS = 100.0  # about 15 ms measured on a loaded 2-core runner without bytecode caches; 90-120 ms before
 PROBE = """

@@ -18,7 +18,7 @@ from pytest_slmdeploy.checklist import edge, lengths, memory
 from pytest_slmdeploy.checklist import format as fmt
 from pytest_slmdeploy.errors import ContextOverflowError
 from pytest_slmdeploy.foundry import is_foundry_entry
-from pytest_slmdeploy.plugin import slm_session
+from pytest_slmdeploy.stash import slm_session
 from pytest_slmdeploy.stats import Comparison, interleaved
 
 SMOKE_PROMPT = "Hello"
