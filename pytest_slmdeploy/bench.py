@@ -24,6 +24,7 @@ import psutil
 
 from pytest_slmdeploy.errors import SettingsError
 from pytest_slmdeploy.measure import PeakRss
+from pytest_slmdeploy.report import GateResult
 from pytest_slmdeploy.runtime import Generation
 
 # metric -> (unit, bigger is better)
@@ -387,6 +388,28 @@ def gates_the_baseline_predates(
         for g in gates
         if g.metric in current and g.metric not in baseline.metrics
     ]  # fmt: skip
+
+
+def judge(
+    gates: Sequence[Gate], metrics: Mapping[str, float], baseline: RunRecord, *, busy_cpus: float,
+    fail_inconclusive: bool = False,
+) -> GateResult:  # fmt: skip
+    """The gates' verdict on this run's ``metrics`` against ``baseline``. A gate whose metric this run lacks fails,
+    busy or not (its check did not happen); one the baseline lacks and a timing gate on a busy machine are
+    undecided: inconclusive, or failed with ``fail_inconclusive``."""
+    present = [g for g in gates if g.metric in metrics and g.metric in baseline.metrics]
+    unjudged = [*gates_the_baseline_predates(gates, metrics, baseline), *busy_gates(present, busy_cpus, baseline)]
+    undecided = [reason for _, reason in unjudged]
+    decided = [g for g in gates if g not in {gate for gate, _ in unjudged}]
+    failures = evaluate_gates(decided, metrics, baseline)
+    if failures or (undecided and fail_inconclusive):
+        return GateResult("failed", f"benchmark gates FAILED against {baseline.name!r}", (*failures, *undecided))
+    if undecided:
+        judged = f"; {gates_passed_line(decided, metrics, baseline)}" if decided else ""
+        return GateResult(
+            "inconclusive", f"benchmark gates not decided against {baseline.name!r}{judged}", tuple(undecided)
+        )
+    return GateResult("passed", gates_passed_line(gates, metrics, baseline))
 
 
 def gates_passed_line(gates: Iterable[Gate], current: Mapping[str, float], baseline: RunRecord) -> str:

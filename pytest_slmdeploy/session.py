@@ -455,23 +455,8 @@ class SlmDeploySession:
                     "(run once with --slm-bench-save, or pass a record file)",
                 ),
             )
-        metrics = self._run_metrics()
-        # A gate whose metric this run lacks fails, busy or not (its check did not happen); one the baseline lacks
-        # (recorded before the metric was) and a timing gate on a busy machine are undecided.
-        present = [g for g in self.gates if g.metric in metrics and g.metric in baseline.metrics]
-        unjudged = [*bench.gates_the_baseline_predates(self.gates, metrics, baseline),
-                    *bench.busy_gates(present, self.other_load.cpus(), baseline)]  # fmt: skip
-        undecided = [reason for _, reason in unjudged]
-        decided = [g for g in self.gates if g not in {gate for gate, _ in unjudged}]
-        failures = bench.evaluate_gates(decided, metrics, baseline)
-        if failures or (undecided and self.settings.fail_inconclusive):
-            return GateResult("failed", f"benchmark gates FAILED against {baseline.name!r}", (*failures, *undecided))
-        if undecided:
-            judged = f"; {bench.gates_passed_line(decided, metrics, baseline)}" if decided else ""
-            return GateResult(
-                "inconclusive", f"benchmark gates not decided against {baseline.name!r}{judged}", tuple(undecided)
-            )
-        return GateResult("passed", bench.gates_passed_line(self.gates, metrics, baseline))
+        return bench.judge(self.gates, self._run_metrics(), baseline, busy_cpus=self.other_load.cpus(),
+                           fail_inconclusive=self.settings.fail_inconclusive)  # fmt: skip
 
     def _report_gates(self, session: pytest.Session, verdict: GateResult) -> None:
         """Report the verdict as the test ``slmdeploy::benchmark_gates`` when no gate item ran here."""

@@ -503,6 +503,25 @@ def test_a_busy_run_or_baseline_leaves_only_the_timing_gates_undecided(
     assert all("not decided: other processes used" in reason for _, reason in found)
 
 
+@pytest.mark.parametrize(
+    ("metrics", "busy", "strict", "status"),
+    [
+        ({"decode_tps": 99.0, "peak_rss_mb": 70.0}, 0.0, False, "passed"),
+        ({"decode_tps": 80.0, "peak_rss_mb": 70.0}, 0.0, False, "failed"),
+        ({"decode_tps": 80.0, "peak_rss_mb": 70.0}, 1.5, False, "inconclusive"),  # the busy run decides no timing
+        ({"decode_tps": 80.0, "peak_rss_mb": 70.0}, 1.5, True, "failed"),  # --slm-fail-inconclusive
+        ({"decode_tps": 99.0, "peak_rss_mb": 99.0}, 1.5, False, "failed"),  # memory is judged on a busy run
+        ({"decode_tps": 99.0}, 0.0, False, "failed"),  # a gate this run has no figure for
+    ],
+)
+def test_judge_gives_one_verdict_for_all_gates(
+    metrics: dict[str, float], busy: float, strict: bool, status: str
+) -> None:
+    gates = [bench.Gate.parse("decode_tps:-15%"), bench.Gate.parse("peak_rss_mb:+25%")]
+    verdict = bench.judge(gates, metrics, _baseline(), busy_cpus=busy, fail_inconclusive=strict)
+    assert verdict.status == status, verdict
+
+
 def test_cpu_time_per_token_is_judged_on_a_busy_run() -> None:
     gates = [bench.Gate.parse("decode_tps:-15%"), bench.Gate.parse("decode_cpu_us:+15%")]
     assert [gate.metric for gate, _ in bench.busy_gates(gates, 2.0, _baseline())] == ["decode_tps"]
