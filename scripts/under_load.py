@@ -86,6 +86,11 @@ def main() -> int:
                       f"inconclusive {len(undecided)}{'' if met else '  <-- not as expected'}", flush=True)  # fmt: skip
                 for message in undecided:
                     print(f"        inconclusive: {message}")
+                gates = data.get("gates") or {}
+                for reason in gates.get("reasons", []) if gates.get("status") == "failed" else []:
+                    print(f"        gate failed: {reason}")
+                if gates and gates.get("status") != "failed":
+                    print(f"        gates: {gates.get('summary')}")
                 if not met:  # why: pytest's short summary, and the whole output if asked
                     print("\n".join(f"        {line}" for line in output.splitlines() if line.startswith("FAILED")))
                     if args.keep is not None:
