@@ -9,9 +9,11 @@ travel from the workers to the controller.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+Line = tuple[str, str]  # a terminal line and its colour: "", "red", "green" or "yellow"
 
 FAMILY_PROPERTY = "slm_family"
 INCONCLUSIVE_PROPERTY = "slm_inconclusive"  # a timing verdict this run's noise could not decide (the message)
@@ -202,6 +204,27 @@ class RunReport:
     def inconclusive_lines(self) -> list[str]:
         return [f"{r.title}: {message}" for r in self.ordered() for message in r.inconclusive]
 
+    def summary_lines(
+        self, bench_title: str = "", bench_table: Sequence[str] = (), saved: object | None = None
+    ) -> list[Line]:
+        """The ``slmdeploy`` section's verdicts: checklist rows, what was not checked or not decided, the
+        benchmark table, the gates and where the run was saved."""
+        lines: list[Line] = []
+        for line in self.terminal_lines():
+            lines.append((line, "red" if line.startswith("FAIL") else "green" if line.startswith("pass") else ""))
+        lines += [(f"not checked (skipped): {line}", "yellow") for line in self.not_checked()]
+        lines += [(f"inconclusive (not a failure): {line}", "yellow") for line in self.inconclusive_lines()]
+        if bench_table:
+            lines += [(bench_title, ""), *[(f"  {line}", "") for line in bench_table]]
+        gates = self.gates
+        if gates is not None and gates.failed:
+            lines += [(f"benchmark gate FAILED: {reason}", "red") for reason in gates.reasons]
+        elif gates is not None:  # an undecided gate's reasons are among the inconclusive lines
+            lines.append((gates.summary, "green" if gates.status == "passed" else "yellow"))
+        if saved is not None:
+            lines.append((f"benchmark history: appended to {saved}", ""))
+        return lines
+
     def to_markdown(self) -> str:
         name = self.model.get("name", "model")
         lines = [
@@ -237,3 +260,36 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
     return str(value)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What the summary says of the installed model."""
+
+    name: str
+    precision: str
+    how: str  # built ..., reused ..., waited ...
+    entry_dir: str
+    model_bytes: int
+    size_ratio: float
+    source_bytes: int
+    notes: tuple[str, ...] = ()
+    ladder: tuple[str, ...] = ()  # the precision ladder's table
+    foundry: str | None = None  # "registered as <id> (foundry-local-sdk <version>)"
+
+    def lines(self) -> list[Line]:
+        lines: list[Line] = [
+            (f"{self.name} [{self.precision}]: {self.how}", ""),
+            (f"  installed at {self.entry_dir}", ""),
+            (
+                f"  size {self.model_bytes / 1e6:.1f} MB = {self.size_ratio:.2f} x source "
+                f"({self.source_bytes / 1e6:.1f} MB)",
+                "",
+            ),
+        ]
+        lines += [(f"  note: {note}", "yellow") for note in self.notes]
+        if self.ladder:
+            lines += [("  precision ladder:", ""), *[(f"    {line}", "") for line in self.ladder]]
+        if self.foundry is not None:
+            lines.append((f"  Foundry Local: {self.foundry}", ""))
+        return lines

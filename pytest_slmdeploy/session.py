@@ -23,6 +23,7 @@ from pytest_slmdeploy.report import (
     INCONCLUSIVE_PROPERTY,
     FamilyResult,
     GateResult,
+    Installed,
     RunReport,
     family_of,
 )
@@ -517,56 +518,44 @@ class SlmDeploySession:
 
         plan = self._plan
         state = plan.state()
-        terminalreporter.section("slmdeploy")
-        for line in self.report.terminal_lines():
-            terminalreporter.write_line(line, red=line.startswith("FAIL"), green=line.startswith("pass"))
-        for line in self.report.not_checked():
-            terminalreporter.write_line(f"not checked (skipped): {line}", yellow=True)
-        for line in self.report.inconclusive_lines():
-            terminalreporter.write_line(f"inconclusive (not a failure): {line}", yellow=True)
         table = bench_table.take_over(self.config)
-        if table:
-            terminalreporter.write_line(bench_table.TITLE)
-            for line in table:
-                terminalreporter.write_line(f"  {line}")
-        gates = self.report.gates
-        for reason in gates.reasons if gates is not None and gates.failed else ():
-            terminalreporter.write_line(f"benchmark gate FAILED: {reason}", red=True)
-        if gates is not None and not gates.failed:  # an undecided gate's reasons are among the inconclusive lines
-            terminalreporter.write_line(gates.summary, green=gates.status == "passed", yellow=gates.status != "passed")
-        if self.bench_saved is not None:
-            terminalreporter.write_line(f"benchmark history: appended to {self.bench_saved}")
-        if isinstance(self._deployment, SlmDeployError):
-            terminalreporter.write_line(f"deployment FAILED: {self._deployment}", red=True)
-            return
+        lines = self.report.summary_lines(bench_table.TITLE, table, self.bench_saved)
         manifest = state.manifest
-        if manifest is None:
-            terminalreporter.write_line(f"{plan.name}: not installed ({state.reason})")
-            return
+        if isinstance(self._deployment, SlmDeployError):
+            lines.append((f"deployment FAILED: {self._deployment}", "red"))
+        elif manifest is None:
+            lines.append((f"{plan.name}: not installed ({state.reason})", ""))
+        else:
+            lines += self._installed(manifest).lines()
+        terminalreporter.section("slmdeploy")
+        for text, colour in lines:
+            terminalreporter.write_line(text, **({colour: True} if colour else {}))
+
+    def _installed(self, manifest: Any) -> Installed:
+        plan = self.plan
         built = f"built in {manifest.build_seconds:.1f}s (peak RSS {manifest.build_peak_rss_bytes / 1e6:.0f} MB)"
         how = {
             "built": built,
             "waited": "reused from the cache: another process built it while this run waited",
             "reused": "reused from the cache (no build)",
         }[self._how_built(manifest)]
-        terminalreporter.write_line(f"{plan.name} [{manifest.precision}]: {how}")
-        terminalreporter.write_line(f"  installed at {plan.cache.entry_dir(plan.name)}")
-        terminalreporter.write_line(
-            f"  size {manifest.model_bytes / 1e6:.1f} MB = {manifest.size_ratio:.2f} x source "
-            f"({manifest.source_bytes / 1e6:.1f} MB)"
-        )
-        for note in self._notes():
-            terminalreporter.write_line(f"  note: {note}", yellow=True)
-        if self.ladder is not None:
-            terminalreporter.write_line("  precision ladder:")
-            for line in self.ladder.table():
-                terminalreporter.write_line(f"    {line}")
         foundry_model = self._foundry or (self._model if self.settings.backend == "foundry" else None)
+        foundry = None
         if foundry_model is not None:
             registration = foundry_model.backend.registration
-            terminalreporter.write_line(
-                f"  Foundry Local: registered as {registration.model_id} (foundry-local-sdk {registration.sdk_version})"
-            )
+            foundry = f"registered as {registration.model_id} (foundry-local-sdk {registration.sdk_version})"
+        return Installed(
+            name=plan.name,
+            precision=manifest.precision,
+            how=how,
+            entry_dir=str(plan.cache.entry_dir(plan.name)),
+            model_bytes=manifest.model_bytes,
+            size_ratio=manifest.size_ratio,
+            source_bytes=manifest.source_bytes,
+            notes=tuple(self._notes()),
+            ladder=tuple(self.ladder.table()) if self.ladder is not None else (),
+            foundry=foundry,
+        )
 
 
 class GateFailure(Exception):
