@@ -69,7 +69,7 @@ def main() -> int:
         cache = args.cache or Path(tmp) / "cache"
         if args.conftest is not None:
             (Path(tmp) / "conftest.py").write_text(args.conftest.read_text())
-        run_suite(args.model, cache, Path(tmp) / "warm.json", ["-m", "slm_smoke"])  # build before the load starts
+        run_suite(args.model, cache, Path(tmp) / "warm.json", [*extra, "-m", "slm_smoke"])  # build before the load
         burners = start_burners(args.burners, args.burn_seconds)
         misses, inconclusive = 0, 0
         try:
