@@ -44,7 +44,7 @@ def proofs(work: Path, real_model: bool) -> dict[str, Proof]:
     import test_checklist_proofs as t
     import test_real_model
 
-    from pytest_slmdeploy.testing.tinydefects import perturbed_copy
+    from pytest_slmdeploy.testing.tinydefects import flattened_copy, perturbed_copy
     from pytest_slmdeploy.testing.tinymodel import TinyModelSpec, make_tiny_chat_model
 
     other = work / "other-checkpoint"
@@ -53,6 +53,9 @@ def proofs(work: Path, real_model: bool) -> dict[str, Proof]:
     near = work / f"perturbed-{t.NEAR_LIMIT_NOISE:g}"
     if not (near / "config.json").is_file():
         perturbed_copy(MODEL, near, t.NEAR_LIMIT_NOISE, seed=1)
+    flat = work / f"flattened-{t.FLAT_TEMPERATURE:g}"
+    if not (flat / "config.json").is_file():
+        flattened_copy(MODEL, flat, t.FLAT_TEMPERATURE)
     found: dict[str, Proof] = {"healthy": Proof("", "pass")}
     for kind, (condition, size) in t.KIND_LEAKS.items():
         found[f"leak: {kind}"] = Proof(t.KIND_LEAK.format(condition=condition, size=size), "fail:memory")
@@ -63,6 +66,7 @@ def proofs(work: Path, real_model: bool) -> dict[str, Proof]:
     found["PromptTemplate without its system part"] = Proof(t.DROPPED_TEMPLATE_PART, "fail:format", True)
     found["another checkpoint"] = Proof(t.BUILT_FROM.format(path=str(other)), "fail:fidelity", True)
     found["3 points under the top-1 limit"] = Proof(t.BUILT_FROM.format(path=str(near)), "fail:fidelity", True)
+    found["a flattened distribution, same ranking"] = Proof(t.BUILT_FROM.format(path=str(flat)), "fail:fidelity", True)
     found["healthy, gated against a quiet baseline"] = Proof("", "pass", gated=True)
     found["decode about 20% slower, gated"] = Proof("", "fail:benchmark", sitecustomize=test_bench.SLOWER_RUNTIME,
                                                      gated=True)  # fmt: skip

@@ -220,6 +220,29 @@ def perturbed(tiny_model: Path, fidelity_root: Path) -> Callable[[float], Path]:
     return make
 
 
+MAKE_FLATTENED = """
+import sys
+from pathlib import Path
+from pytest_slmdeploy.testing.tinydefects import flattened_copy
+flattened_copy(Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]))
+"""
+
+
+@pytest.fixture(scope="session")
+def flattened(tiny_model: Path, fidelity_root: Path) -> Callable[[float], Path]:
+    """``flattened(t)``: the FAQ model with every logit divided by ``t`` (the same greedy answers, flatter)."""
+    code = hashlib.sha256(Path(tinydefects.__file__).read_bytes()).hexdigest()[:8]
+
+    def make(temperature: float) -> Path:
+        target = fidelity_root / f"flattened-{temperature:g}-{tiny_model.parent.name}-{code}"
+        with FileLock(str(target) + ".lock"):
+            if not (target / "config.json").is_file():
+                _in_child(MAKE_FLATTENED, str(tiny_model), str(target), str(temperature))
+        return target
+
+    return make
+
+
 MAKE_REAL_MODEL = """
 import sys
 from pathlib import Path

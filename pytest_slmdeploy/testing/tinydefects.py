@@ -131,6 +131,26 @@ def _present(layer: Any, block: str, names: Sequence[str]) -> list[str]:
     return [name for name in names if hasattr(parent, name)]
 
 
+def flattened_copy(source: str | Path, out_dir: str | Path, temperature: float) -> Path:
+    """Write a copy of a model whose next-token distributions are flattened: its final norm's weight divided by
+    ``temperature`` divides every logit by it. Every greedy answer stays the source's (the ranking is unchanged),
+    so only a check of the whole distribution can tell it from the source: a build that lost the scale of its
+    logits, or an unrelated model that happens to rank alike."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, out = Path(source), Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_decoder().norm.weight.div_(temperature)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and item.name not in _REWRITTEN and not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, out / item.name)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def perturbed_copy(source: str | Path, out_dir: str | Path, relative_noise: float, *, seed: int = 0) -> Path:
     """Write a copy of a model whose every weight matrix carries Gaussian noise of ``relative_noise`` times its
     own RMS: another checkpoint of the same model, as near the source as the noise says (the wrong build installed
