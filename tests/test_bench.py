@@ -278,6 +278,9 @@ def test_benchmarks_record_history_and_gate(
     metrics = record["metrics"]
     assert 10 < metrics["peak_rss_mb"] < 150, metrics
     assert metrics["process_peak_rss_mb"] > metrics["peak_rss_mb"], metrics
+    # Item 11: bandwidth efficiency was headlined for a model whose weights fit the CPU cache (no memory bound).
+    assert "bandwidth_efficiency" not in metrics
+    first.stdout.fnmatch_lines(["*bandwidth efficiency n/a: * MB read per token fit the * MiB CPU cache*"])
     assert record["machine"]["cpu_count"] >= 1
     benchmarks = json.loads((pytester.path / "bench.json").read_text())["benchmarks"]
     tokens = sorted(b["extra_info"]["prompt_tokens"] for b in benchmarks)
@@ -520,6 +523,18 @@ def test_judge_gives_one_verdict_for_all_gates(
     gates = [bench.Gate.parse("decode_tps:-15%"), bench.Gate.parse("peak_rss_mb:+25%")]
     verdict = bench.judge(gates, metrics, _baseline(), busy_cpus=busy, fail_inconclusive=strict)
     assert verdict.status == status, verdict
+
+
+def test_undecided_memory_verdicts_are_not_called_timing() -> None:
+    """Issue 21, item 11: the step summary listed memory verdicts under "timing verdicts"."""
+    from pytest_slmdeploy.report import FAMILY_PROPERTY, INCONCLUSIVE_PROPERTY
+
+    report = RunReport(model={"name": "m"})
+    memory = [(FAMILY_PROPERTY, "memory"), (INCONCLUSIVE_PROPERTY, "replay of system prompt: RSS rose, not steadily")]
+    report.record("t::leak", "call", "passed", memory)
+    markdown = report.to_markdown()
+    assert "Verdicts this run's evidence could not decide (timing, memory; not failures):" in markdown
+    assert "timing verdicts" not in markdown.lower()
 
 
 def test_cpu_time_per_token_is_judged_on_a_busy_run() -> None:
