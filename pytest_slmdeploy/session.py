@@ -54,7 +54,7 @@ class SlmDeploySession:
         self.report = RunReport()
         self.bench_metrics: dict[str, float] = {}
         self._alone: dict[str, float] | None = None
-        self.alone_figures: dict[str, float] = {}  # everything the child measured (rounds, intervals)
+        self.alone_figures: dict[str, float] = {}  # everything the child measured (rounds and tokens too)
         self.gate_result: GateResult | None = None
         self.gate_item_collected = self.gate_item_ran = False
         self.bench_saved: Path | None = None
