@@ -205,19 +205,24 @@ perturbed_copy(Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), seed=1)
 """
 
 
-@pytest.fixture(scope="session")
-def perturbed(tiny_model: Path, fidelity_root: Path) -> Callable[[float], Path]:
-    """``perturbed(noise)``: the FAQ model with Gaussian noise of ``noise`` x each weight matrix's RMS added."""
+def _defect_maker(kind: str, script: str, tiny_model: Path, fidelity_root: Path) -> Callable[[float], Path]:
+    """``make(x)``: the FAQ model changed by ``script`` at strength ``x``, made once per tinydefects version."""
     code = hashlib.sha256(Path(tinydefects.__file__).read_bytes()).hexdigest()[:8]
 
-    def make(noise: float) -> Path:
-        target = fidelity_root / f"perturbed-{noise:g}-{tiny_model.parent.name}-{code}"
+    def make(strength: float) -> Path:
+        target = fidelity_root / f"{kind}-{strength:g}-{tiny_model.parent.name}-{code}"
         with FileLock(str(target) + ".lock"):
             if not (target / "config.json").is_file():
-                _in_child(MAKE_PERTURBED, str(tiny_model), str(target), str(noise))
+                _in_child(script, str(tiny_model), str(target), str(strength))
         return target
 
     return make
+
+
+@pytest.fixture(scope="session")
+def perturbed(tiny_model: Path, fidelity_root: Path) -> Callable[[float], Path]:
+    """``perturbed(noise)``: the FAQ model with Gaussian noise of ``noise`` x each weight matrix's RMS added."""
+    return _defect_maker("perturbed", MAKE_PERTURBED, tiny_model, fidelity_root)
 
 
 MAKE_FLATTENED = """
@@ -231,16 +236,7 @@ flattened_copy(Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]))
 @pytest.fixture(scope="session")
 def flattened(tiny_model: Path, fidelity_root: Path) -> Callable[[float], Path]:
     """``flattened(t)``: the FAQ model with every logit divided by ``t`` (the same greedy answers, flatter)."""
-    code = hashlib.sha256(Path(tinydefects.__file__).read_bytes()).hexdigest()[:8]
-
-    def make(temperature: float) -> Path:
-        target = fidelity_root / f"flattened-{temperature:g}-{tiny_model.parent.name}-{code}"
-        with FileLock(str(target) + ".lock"):
-            if not (target / "config.json").is_file():
-                _in_child(MAKE_FLATTENED, str(tiny_model), str(target), str(temperature))
-        return target
-
-    return make
+    return _defect_maker("flattened", MAKE_FLATTENED, tiny_model, fidelity_root)
 
 
 MAKE_REAL_MODEL = """

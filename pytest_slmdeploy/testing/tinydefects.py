@@ -87,11 +87,7 @@ def add_outlier_channels(
                 changed.append(name)
         after = model(input_ids=probe).logits
 
-    out.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.is_file() and item.name not in _REWRITTEN and not item.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(item, out / item.name)
-    model.save_pretrained(out, safe_serialization=True)
+    _save_copy(model, src, out)
     return OutlierReport(
         out_dir=out,
         scale=scale,
@@ -100,6 +96,15 @@ def add_outlier_channels(
         max_abs_logit_diff=float((after - before).abs().max()),
         max_abs_logit=float(before.abs().max()),
     )
+
+
+def _save_copy(model: Any, src: Path, out: Path) -> None:
+    """Save ``model`` to ``out`` with the source's other files (tokenizer, chat template, cases) beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and item.name not in _REWRITTEN and not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, out / item.name)
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def _norm_feeds(model: Any, include_lm_head: bool) -> list[tuple[str, list[str]]]:
@@ -143,11 +148,7 @@ def flattened_copy(source: str | Path, out_dir: str | Path, temperature: float) 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     with torch.no_grad():
         model.get_decoder().norm.weight.div_(temperature)
-    out.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.is_file() and item.name not in _REWRITTEN and not item.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(item, out / item.name)
-    model.save_pretrained(out, safe_serialization=True)
+    _save_copy(model, src, out)
     return out
 
 
@@ -166,9 +167,5 @@ def perturbed_copy(source: str | Path, out_dir: str | Path, relative_noise: floa
             if parameter.dim() == 2:
                 rms = parameter.pow(2).mean().sqrt()
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * rms * relative_noise)
-    out.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.is_file() and item.name not in _REWRITTEN and not item.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(item, out / item.name)
-    model.save_pretrained(out, safe_serialization=True)
+    _save_copy(model, src, out)
     return out
