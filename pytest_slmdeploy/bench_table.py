@@ -54,9 +54,10 @@ class Row:
     decode_spread: float  # interquartile range of decode tok/s over its median (0.05 = 5%)
     rounds: int
     process_peak_rss_mb: float  # the pytest process (the model alone: peak_rss_mb in the history)
+    model: str = ""  # in a run of several models: the model it measured (its name then leaves it out)
 
     @classmethod
-    def of(cls, name: str, info: dict[str, Any]) -> Row | None:
+    def of(cls, name: str, info: dict[str, Any], model: str = "") -> Row | None:
         """The row of a benchmark's ``extra_info``, or None if it holds no LLM figures."""
         try:
             return cls(
@@ -68,6 +69,7 @@ class Row:
                 decode_spread=float(info["decode_spread"]),
                 rounds=int(info["rounds"]),
                 process_peak_rss_mb=float(info["process_peak_rss_mb"]),
+                model=model,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -89,14 +91,27 @@ def _short(name: str) -> str:
 
 
 def table_lines(rows: Sequence[Row]) -> list[str]:
-    """A header and one line per row, figures right-aligned: at most 105 characters wide."""
+    """A header and one line per row, figures right-aligned: at most 105 characters wide (and a first column of
+    the model in a run of several models)."""
     width = max([len("benchmark")] + [len(_short(r.name)) for r in rows])
-    header = "benchmark".ljust(width) + "".join(f"  {title:>{w}}" for title, w in COLUMNS)
+    models = max((len(_short(r.model)) for r in rows), default=0)
+    first = f"{'model':<{models}}  " if models else ""
+    header = first + "benchmark".ljust(width) + "".join(f"  {title:>{w}}" for title, w in COLUMNS)
     lines = [header]
     for row in rows:
         cells = "".join(f"  {cell:>{w}}" for cell, (_, w) in zip(row.cells(), COLUMNS, strict=True))
-        lines.append(_short(row.name).ljust(width) + cells)
+        model = f"{_short(row.model):<{models}}  " if models else ""
+        lines.append(model + _short(row.name).ljust(width) + cells)
     return lines
+
+
+def _model_and_name(benchmark: Any) -> tuple[str, str]:
+    """The model a benchmark measured (its ``slm_target`` parameter) and its name without it."""
+    model = str((getattr(benchmark, "params", None) or {}).get("slm_target", ""))
+    name = str(benchmark.name)
+    if model:
+        name = name.replace(f"[{model}]", "").replace(f"-{model}]", "]").replace(f"[{model}-", "[")
+    return model, name
 
 
 def other_line(benchmark: Any) -> str:
@@ -138,7 +153,8 @@ def lines_of(benchmarks: Iterable[Any]) -> list[str]:
     """The table of the LLM benchmarks, then one line per other benchmark."""
     rows, others = [], []
     for benchmark in benchmarks:
-        row = Row.of(benchmark.name, benchmark.extra_info)
+        model, name = _model_and_name(benchmark)
+        row = Row.of(name, benchmark.extra_info, model)
         if row is None:
             others.append(other_line(benchmark))
         else:

@@ -27,7 +27,11 @@ class CaseFailure(Exception):
 
 
 class CaseFile(pytest.File):
-    """A YAML/TOML file of domain cases."""
+    """A YAML/TOML file of domain cases; in a run of several models, each case once per model of ``models``."""
+
+    def __init__(self, *, models: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.models = models
 
     def collect(self) -> Iterator[CaseItem]:
         from pytest_slmdeploy.checklist.cases import CaseFileError, load_case_file
@@ -37,15 +41,19 @@ class CaseFile(pytest.File):
         except CaseFileError as exc:
             raise self.CollectError(f"slmdeploy: {exc}") from None
         for case in cases:
-            yield CaseItem.from_parent(self, name=case.id, case=case)
+            if not self.models:
+                yield CaseItem.from_parent(self, name=case.id, case=case)
+            for model in self.models:  # the id as pytest's parametrization writes it: "-k NAME" selects the model
+                yield CaseItem.from_parent(self, name=f"{case.id}[{model}]", case=case, model=model)
 
 
 class CaseItem(pytest.Item):
     """One case: generate greedily, check the expectations."""
 
-    def __init__(self, *, case: Case, **kwargs: Any) -> None:
+    def __init__(self, *, case: Case, model: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.case = case
+        self.model = model  # the model it checks, in a run of several
         self.add_marker("slm_domain")
 
     def runtest(self) -> None:

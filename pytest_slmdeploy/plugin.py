@@ -25,6 +25,7 @@ from pytest_slmdeploy.settings import (
     PRECISIONS,
     SPINNING_MODES,
 )
+from pytest_slmdeploy.stash import RUN_KEY as _run_key
 from pytest_slmdeploy.stash import SESSION_KEY as _session_key
 from pytest_slmdeploy.stash import SETTINGS_KEY as _settings_key
 from pytest_slmdeploy.stash import slm_session
@@ -54,7 +55,8 @@ _selection_key = pytest.StashKey["Selection"]()
 # (flag, ini key, ini type, help, extra argparse keywords)
 _OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("--slm-model", "slm_model", "string",
-     "Hugging Face model folder to build, install and check (enables the plugin).", {"metavar": "PATH"}),
+     "Hugging Face model folder to build, install and check (enables the plugin); repeat it to check several "
+     "models in one run (or list them in the slm_models ini table).", {"metavar": "PATH", "action": "append"}),
     ("--slm-precision", "slm_precision", "string",
      "quantization recipe: int4 (default: GPTQ 4-bit, attention 8-bit), int4-mixed (about 6 bits a weight), "
      "int8 (8-bit weights), fp32, or auto: the smallest of these that stays faithful to the source and passes "
@@ -125,6 +127,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--slm-no-suite", dest="slm_suite", action="store_const", const=False, help="do not run the built-in suite."
     )
+    group.addoption(
+        "--slm-only",
+        dest="slm_only",
+        action="append",
+        metavar="NAME",
+        help="check only this model of the slm_models table (repeatable): a CI matrix job checks one.",
+    )
+    parser.addini(
+        "slm_models",
+        help="several models in one run: a list of tables {name, path, precision, chat_template, cases, limits} "
+        "(in pytest.ini/tox.ini: one line of key=value words per model)",
+        type="linelist",
+        default=[],
+    )
     parser.addini(
         "slm_case_files",
         help="glob patterns of domain case files to collect (default: slm_cases*.yaml/yml/toml)",
@@ -137,7 +153,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _value(config: pytest.Config, key: str) -> object | None:
     """Command line first, then ini; command-line paths are made absolute against the invocation dir."""
-    value: object | None = config.getoption(key, None)
+    value: object | None = config.getoption(key, None) if key != "slm_model" else None  # see _cli_models
     if value is not None:
         is_path = key in ("slm_model", "slm_cache", "slm_report", "slm_bench_history", "slm_bench_export")
         if is_path and not str(value).strip():
@@ -152,6 +168,15 @@ def _value(config: pytest.Config, key: str) -> object | None:
 
         raise SettingsError(f"{key}: {exc}: use true or false") from None
     return None if ini in ("", None) else ini
+
+
+def _cli_models(config: pytest.Config) -> list[str] | None:
+    """Each ``--slm-model`` given, made absolute against the invocation dir ("" kept: the settings refuse it)."""
+    given = config.getoption("slm_model", None)
+    if not given:
+        return None
+    here = config.invocation_params.dir
+    return [str(here / Path(str(value)).expanduser()) if str(value).strip() else "" for value in given]
 
 
 def _names_suite(arg: str, invocation_dir: Path) -> bool:
@@ -225,15 +250,17 @@ def _only_informs(config: pytest.Config) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     from pytest_slmdeploy.errors import SlmDeployError
-    from pytest_slmdeploy.settings import resolve_settings
+    from pytest_slmdeploy.settings import resolve_models
 
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     ini_dir = config.inipath.parent if config.inipath else config.rootpath
     try:
-        settings = resolve_settings(lambda key: _value(config, key), ini_dir=ini_dir)
+        models = resolve_models(lambda key: _value(config, key), ini_dir=ini_dir, cli_models=_cli_models(config),
+                                only=config.getoption("slm_only", None))  # fmt: skip
     except SlmDeployError as exc:
         raise pytest.UsageError(f"slmdeploy: {exc}") from None
+    settings = models[0]
     config.stash[_settings_key] = settings
     selection = Selection.take(config)
     if not settings.enabled:
@@ -242,38 +269,91 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     from pytest_slmdeploy.session import SlmDeploySession
 
-    try:
-        session = SlmDeploySession(config, settings)
-        session.check_source()
-    except SlmDeployError as exc:
-        if _only_informs(config):  # --help, --markers, --co ... in a fresh clone before its model is made
-            return
-        raise pytest.UsageError(f"slmdeploy: {exc}") from None
-    config.stash[_session_key] = session
+    several = len(models) > 1
+    sessions = []
+    for model in models:
+        try:
+            session = SlmDeploySession(config, model, in_run=several)
+            session.check_source()
+        except SlmDeployError as exc:
+            if _only_informs(config):  # --help, --markers, --co ... in a fresh clone before its model is made
+                return
+            where = f"model {model.model_name} ({model.model}): " if several else ""
+            raise pytest.UsageError(f"slmdeploy: {where}{exc}") from None
+        sessions.append(session)
     config.stash[_selection_key] = selection
-    config.pluginmanager.register(session, "slmdeploy-session")
+    if not several:
+        config.stash[_session_key] = sessions[0]
+        config.pluginmanager.register(sessions[0], "slmdeploy-session")
+        return
+    from pytest_slmdeploy.run import SlmDeployRun
+
+    run = config.stash[_run_key] = SlmDeployRun(config, sessions)
+    config.pluginmanager.register(run, "slmdeploy-run")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns -n N into --dist load
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Several models under ``-n N`` without ``--dist``: ``--dist loadgroup``, so one worker builds, loads and
+    checks each model (``--dist load`` would load every model on every worker)."""
+    option = config.option
+    if getattr(option, "numprocesses", None) and getattr(option, "dist", "no") == "no" and _model_count(config) > 1:
+        option.dist = "loadgroup"
+
+
+def _model_count(config: pytest.Config) -> int:
+    given = config.getoption("slm_model", None) or []
+    try:
+        table = config.getini("slm_models")
+    except ValueError:
+        table = []
+    return max(len(given), len(table) if isinstance(table, list) else 0)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """In a run of several models, every test that reaches a model (an ``slm_*`` fixture) runs once per model."""
+    run = metafunc.config.stash.get(_run_key, None)
+    if run is not None and "slm_target" in metafunc.fixturenames:
+        metafunc.parametrize("slm_target", run.names, indirect=True, scope="session", ids=run.names)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -k/-m deselection sees the items
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    slm = config.stash.get(_session_key, None)
+    run = config.stash.get(_run_key, None)
+    single = config.stash.get(_session_key, None)
+    sessions = list(run.sessions.values()) if run is not None else [single] if single is not None else []
     selection = config.stash.get(_selection_key, None)
-    if slm is None or selection is None or not (selection.named or (selection.everything and slm.settings.suite)):
-        if slm is not None:
-            slm.cases = [item.case for item in items if isinstance(item, CaseItem)]
+    runs_suite = (
+        bool(sessions)
+        and selection is not None
+        and (selection.named or (selection.everything and sessions[0].settings.suite))
+    )
+    if not runs_suite or selection is None:
+        _give_cases(sessions, items)
+        if run is not None:
+            run.claim(items)
         return
-    from pytest_slmdeploy.session import GATE_ITEM_ID, SUITE_PATH
+    from pytest_slmdeploy.session import SUITE_PATH
 
     # The suite lives in site-packages; fixed node ids keep it readable ("slmdeploy::test_...").
     suite = list(session.genitems(pytest.Module.from_parent(session, path=SUITE_PATH, nodeid=SUITE_NODEID)))
-    for path in model_case_files(slm.plan.source.path):
-        case_file = CaseFile.from_parent(session, path=path, nodeid=f"{MODEL_CASES_NODEID}/{path.name}")
-        suite.extend(session.genitems(case_file))
-    if any(isinstance(item, CaseItem) for item in (*items, *suite)):  # the cases are the domain family
-        suite = [item for item in suite if item.name != "test_domain_cases_exist"]
+    for slm in sessions:
+        for path in (*model_case_files(slm.plan.source.path), *slm.settings.case_files):
+            models = (slm.name,) if run is not None else ()
+            nodeid = f"{MODEL_CASES_NODEID}/{path.name}"
+            suite.extend(session.genitems(CaseFile.from_parent(session, path=path, nodeid=nodeid, models=models)))
+    with_cases = {getattr(item, "model", None) for item in (*items, *suite) if isinstance(item, CaseItem)}
+    if with_cases:  # the cases are the domain family (of every model, when a case is not one model's own)
+        suite = [
+            item
+            for item in suite
+            if getattr(item, "originalname", item.name) != "test_domain_cases_exist"
+            or (None not in with_cases and _model_of(item) not in with_cases)
+        ]
+    # With a baseline the session adds the gate item after every plugin has selected: naming it is no mistake.
+    gates = tuple(slm.gate_item_id for slm in sessions if slm.settings.bench_baseline)
     try:
-        # With a baseline the session adds the gate item after every plugin has selected: naming it is no mistake.
-        chosen = selection.select(suite, added_later=(GATE_ITEM_ID,) if slm.settings.bench_baseline else ())
+        chosen = selection.select(suite, added_later=gates)
     except pytest.UsageError as exc:
         if not hasattr(config, "workerinput"):
             raise
@@ -286,17 +366,39 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items.extend(chosen)
     # Every case collected, before -k/-m deselect: fidelity's prompt set (and its cached references) stays the same
     # whichever part of the suite a run selects.
-    collected = dict.fromkeys(item for item in (*items, *suite) if isinstance(item, CaseItem))
-    slm.cases = [item.case for item in collected]
+    _give_cases(sessions, [*items, *suite])
+    if run is not None:
+        run.claim(items)
+
+
+def _model_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return None if callspec is None else callspec.params.get("slm_target")
+
+
+def _give_cases(sessions: Sequence[SlmDeploySession], items: Sequence[pytest.Item]) -> None:
+    """Each model's domain cases (for fidelity's prompts and the ladder): its own, and those of every model."""
+    collected = dict.fromkeys(item for item in items if isinstance(item, CaseItem))
+    for slm in sessions:
+        slm.cases = [item.case for item in collected if item.model in (None, slm.name)]
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> CaseFile | None:
     if not is_case_file(file_path, parent.config.getini("slm_case_files")):
         return None
-    settings = parent.config.stash.get(_settings_key, None)
-    if settings is not None and settings.model is not None and file_path.resolve().parent == settings.model.resolve():
-        return None  # the model's own cases run with the built-in suite
-    return CaseFile.from_parent(parent, path=file_path)
+    config = parent.config
+    run = config.stash.get(_run_key, None)
+    every = [slm.settings for slm in run.sessions.values()] if run is not None else []
+    settings = config.stash.get(_settings_key, None)
+    if not every and settings is not None:
+        every = [settings]
+    found = file_path.resolve()
+    for model in every:
+        if model.model is not None and found.parent == model.model.resolve():
+            return None  # a model's own cases run with the built-in suite, against that model
+        if found in {case_file.resolve() for case_file in model.case_files}:
+            return None  # an slm_models entry's cases: with the suite, against that entry's model
+    return CaseFile.from_parent(parent, path=file_path, models=tuple(run.names) if run is not None else ())
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -306,6 +408,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(_run_key, None)
+    if run is not None:
+        run.close()
+        if config.pluginmanager.is_registered(run):
+            config.pluginmanager.unregister(run)
+        del config.stash[_run_key]
     session = config.stash.get(_session_key, None)
     if session is not None:
         session.close()
@@ -316,6 +424,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def _session(request: pytest.FixtureRequest) -> SlmDeploySession:
     return slm_session(request.config)
+
+
+@pytest.fixture(scope="session")
+def slm_target(request: pytest.FixtureRequest) -> Any:
+    """The model this test checks (its :class:`~pytest_slmdeploy.session.SlmDeploySession`): in a run of several
+    models a parameter whose id is the model's name, so ``-k NAME`` selects one; every ``slm_*`` fixture that
+    reaches a model takes it."""
+    run = request.config.stash.get(_run_key, None)
+    if run is None:
+        return _session(request)
+    return run.sessions[request.param]
 
 
 @pytest.fixture
@@ -331,7 +450,7 @@ def slm_figure(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
-def slm_verdict(request: pytest.FixtureRequest) -> Any:
+def slm_verdict(request: pytest.FixtureRequest, slm_target: Any) -> Any:
     """``slm_verdict(comparisons)`` judges :func:`pytest_slmdeploy.stats.compare` results: fails on a decided
     failure; reports one that this run's noise left undecided as inconclusive (a failure with
     ``--slm-fail-inconclusive``)."""
@@ -343,7 +462,7 @@ def slm_verdict(request: pytest.FixtureRequest) -> Any:
         request.node.user_properties.extend((INCONCLUSIVE_PROPERTY, m) for m in verdicts.inconclusive)
         if verdicts.failed:
             pytest.fail("\n".join(verdicts.failed), pytrace=False)
-        if verdicts.inconclusive and _session(request).settings.fail_inconclusive:
+        if verdicts.inconclusive and slm_target.settings.fail_inconclusive:
             undecided = "\n".join(verdicts.inconclusive)
             pytest.fail(
                 f"timing left undecided by this run's noise (--slm-fail-inconclusive):\n{undecided}", pytrace=False
@@ -353,12 +472,12 @@ def slm_verdict(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
-def slm_limits(request: pytest.FixtureRequest) -> dict[str, float]:
+def slm_limits(request: pytest.FixtureRequest, slm_target: Any) -> dict[str, float]:
     """Checklist limits for this test: ini values, overridden by its ``slm_<family>(key=value)`` marker keywords."""
     from pytest_slmdeploy.errors import SettingsError
     from pytest_slmdeploy.settings import check_limit
 
-    limits = dict(_session(request).settings.limits)
+    limits = dict(slm_target.settings.limits)
     for marker in reversed(list(request.node.iter_markers())):
         if marker.name.startswith("slm_"):
             family = marker.name.removeprefix("slm_")
@@ -374,13 +493,13 @@ def slm_limits(request: pytest.FixtureRequest) -> dict[str, float]:
 
 
 @pytest.fixture
-def slm_fidelity(request: pytest.FixtureRequest, slm_deployment: Any, slm_limits: dict[str, float]) -> Any:
+def slm_fidelity(slm_target: Any, slm_deployment: Any, slm_limits: dict[str, float]) -> Any:
     """``slm_fidelity(prompts=None)`` scores the installed model against its source model (teacher-forced on the
     source's greedy answers) and returns :class:`~pytest_slmdeploy.fidelity.FidelityResult`; default prompts: the
     run's domain cases, then the built-in ones. ``.references`` of the callable holds the last references."""
     from pytest_slmdeploy.fidelity import FidelityResult
 
-    session = _session(request)
+    session = slm_target
 
     class Score:
         references: Any = None
@@ -394,7 +513,7 @@ def slm_fidelity(request: pytest.FixtureRequest, slm_deployment: Any, slm_limits
 
 
 @pytest.fixture
-def slm_benchmark(request: pytest.FixtureRequest, slm_model: Any, slm_limits: dict[str, float]) -> Any:
+def slm_benchmark(request: pytest.FixtureRequest, slm_target: Any, slm_model: Any, slm_limits: dict[str, float]) -> Any:
     """``slm_benchmark(prompt, new_tokens=32)`` times generations with pytest-benchmark and returns
     :class:`~pytest_slmdeploy.bench.GenerationStats` (TTFT, prefill/decode tok/s, spread, peak RSS, CPU)."""
     from pytest_slmdeploy.bench import LlmBenchmark
@@ -404,34 +523,34 @@ def slm_benchmark(request: pytest.FixtureRequest, slm_model: Any, slm_limits: di
     def record(key: str, value: object) -> None:
         request.node.user_properties.append((key, value))
 
-    return LlmBenchmark(benchmark, slm_model, record, slm_limits, _session(request).bench_precision())
+    return LlmBenchmark(benchmark, slm_model, record, slm_limits, slm_target.bench_precision())
 
 
 @pytest.fixture(scope="session")
-def slm_settings(request: pytest.FixtureRequest) -> Any:
-    """The resolved :class:`~pytest_slmdeploy.settings.Settings`."""
-    return _session(request).settings
+def slm_settings(slm_target: Any) -> Any:
+    """The resolved :class:`~pytest_slmdeploy.settings.Settings` (of this test's model)."""
+    return slm_target.settings
 
 
 @pytest.fixture(scope="session")
-def slm_deployment(request: pytest.FixtureRequest) -> Any:
+def slm_deployment(slm_target: Any) -> Any:
     """The built and installed model (:class:`~pytest_slmdeploy.deploy.Deployment`); built once per session."""
-    return _session(request).deployment()
+    return slm_target.deployment()
 
 
 @pytest.fixture(scope="session")
-def slm_cache(request: pytest.FixtureRequest) -> Any:
+def slm_cache(slm_target: Any) -> Any:
     """The model cache (:class:`~pytest_slmdeploy.cache.ModelCache`)."""
-    return _session(request).cache
+    return slm_target.cache
 
 
 @pytest.fixture(scope="session")
-def slm_model(request: pytest.FixtureRequest) -> Any:
+def slm_model(slm_target: Any) -> Any:
     """The installed model, loaded once (:class:`~pytest_slmdeploy.runtime.SlmModel`): ``generate``, ``chat``."""
-    return _session(request).model()
+    return slm_target.model()
 
 
 @pytest.fixture(scope="session")
-def slm_foundry_model(request: pytest.FixtureRequest) -> Any:
+def slm_foundry_model(slm_target: Any) -> Any:
     """The installed model registered with Foundry Local and loaded through its SDK (an ``SlmModel``)."""
-    return _session(request).foundry_model()
+    return slm_target.foundry_model()

@@ -177,6 +177,23 @@ class RunReport:
             "ladder": self.ladder,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunReport:
+        """A report as :meth:`to_json` wrote it (to merge the reports of several CI jobs)."""
+        families = {}
+        for item in data.get("families", []):
+            keys = ("passed", "failed", "skipped", "figures", "failures", "inconclusive", "skips")
+            fields = {k: item[k] for k in keys if k in item}
+            families[item["family"]] = FamilyResult(item["family"], **fields)
+        gates = data.get("gates")
+        return cls(
+            model=dict(data.get("model", {})),
+            families=families,
+            gates=GateResult(gates["status"], gates["summary"], tuple(gates.get("reasons", ()))) if gates else None,
+            notes=list(data.get("notes", [])),
+            ladder=data.get("ladder"),
+        )
+
     def write_json(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(self.to_json(), fh, indent=2, default=str)
@@ -293,3 +310,28 @@ class Installed:
         if self.foundry is not None:
             lines.append((f"  Foundry Local: {self.foundry}", ""))
         return lines
+
+
+def write_runs_markdown(reports: Sequence[RunReport]) -> str:
+    """The step summary of a run of several models: one row per model and family, then each model's section."""
+    failed = [r.model.get("name", "model") for r in reports if not r.ok]
+    verdict = f"{len(failed)} of {len(reports)} FAILED ({', '.join(failed)})" if failed else "all passed"
+    families = [f for f in FAMILIES if any(f in r.families for r in reports)]
+    icons = {"pass": "✅", "FAIL": "❌", "skipped": "⏭️"}
+    lines = [
+        f"## pytest-slmdeploy: {len(reports)} model{'s' if len(reports) != 1 else ''}, {verdict}",
+        "",
+        "| model | precision | " + " | ".join(FAMILIES[f] for f in families) + " |",
+        "|---|---|" + "---|" * len(families),
+    ]
+    for r in reports:
+        cells = [icons[r.families[f].status] if f in r.families else "-" for f in families]
+        lines.append(f"| {r.model.get('name', 'model')} | {r.model.get('precision', '')} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(r.to_markdown() for r in reports)
+
+
+def reports_in(document: dict[str, Any]) -> list[RunReport]:
+    """The reports in a ``--slm-report`` file: one model's, or ``{"models": [...]}`` of a run of several."""
+    if "models" in document:
+        return [RunReport.from_json(model) for model in document["models"]]
+    return [RunReport.from_json(document)]

@@ -31,6 +31,7 @@ from pytest_slmdeploy.settings import AUTO_PRECISION, NO_MODEL, Settings
 
 SUITE_PATH = Path(__file__).parent / "suite" / "test_slmdeploy_suite.py"
 GATE_ITEM_ID = "slmdeploy::benchmark_gates"
+MODEL_PROPERTY = "slm_model"  # user property: the model a test checked, in a run of several models
 
 
 def _version(package: str) -> str:
@@ -43,14 +44,16 @@ def _version(package: str) -> str:
 class SlmDeploySession:
     """Registered as plugin ``slmdeploy-session``; fixtures and hooks delegate here."""
 
-    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+    def __init__(self, config: pytest.Config, settings: Settings, *, in_run: bool = False) -> None:
         self.config = config
         self.settings = settings
+        self.in_run = in_run  # one of several models: the run (run.SlmDeployRun) writes the reports
         self.started = time.time()
         self._plan: Plan | None = None
         self._deployment: Deployment | SlmDeployError | None = None
         self._model: Any = None
         self._foundry: Any = None
+        self._registration: Any = None  # the Foundry Local registration (foundry.Registration), once loaded
         self.report = RunReport()
         self.bench_metrics: dict[str, float] = {}
         self._alone: dict[str, float] | None = None
@@ -58,6 +61,7 @@ class SlmDeploySession:
         self.gate_result: GateResult | None = None
         self.gate_item_collected = self.gate_item_ran = False
         self.bench_saved: Path | None = None
+        self.exported: dict[str, list[dict[str, Any]]] = {}  # this run's metrics for github-action-benchmark
         self.gates: list[Gate] = []
         self.cases: list[Any] = []  # the run's domain cases (checklist.cases.Case), for fidelity and the ladder
         self.ladder: Any = None  # the precision ladder's result (ladder.Ladder) with --slm-precision auto
@@ -65,6 +69,15 @@ class SlmDeploySession:
         self.shared_runs: dict[tuple[str, int], list[Any]] = {}  # (prompt, new tokens) -> the length sweep's rounds
         self._spinning: tuple[bool, str] | None = None
         self.other_load = measure.OtherLoad()  # other processes' CPU use over the run (the gates read it)
+
+    @property
+    def name(self) -> str:
+        """The model's name in the run: its cache entry's (the ladder's rungs add their precision to it)."""
+        return self.settings.model_name
+
+    @property
+    def gate_item_id(self) -> str:
+        return f"{GATE_ITEM_ID}[{self.name}]" if self.in_run else GATE_ITEM_ID
 
     def spinning(self) -> tuple[bool, str]:
         """Whether ONNX Runtime GenAI's threads spin while they wait, and why: ``slm_spinning``, and with ``auto``
@@ -234,6 +247,9 @@ class SlmDeploySession:
             pytest.fail(f"slmdeploy: {exc}", pytrace=False)
 
     def close(self) -> None:
+        foundry_model = self._foundry or (self._model if self.settings.backend == "foundry" else None)
+        if foundry_model is not None:  # the summary names it after the model is closed (several models: at once)
+            self._registration = foundry_model.backend.registration
         for model in (self._foundry, self._model):
             if model is not None:
                 model.close()
@@ -295,8 +311,11 @@ class SlmDeploySession:
         only its own benchmarks, so the controller judges the gates at the end (:meth:`_finish_benchmarks`)."""
         yield
         if self._plan is not None and self.settings.bench_baseline and not hasattr(self.config, "workerinput"):
-            items.extend(session.genitems(BenchmarkGates.from_parent(session, name="slmdeploy", slm=self)))
-            self.gate_item_collected = True
+            self.add_gate_item(session, items)
+
+    def add_gate_item(self, session: pytest.Session, items: list[pytest.Item]) -> None:
+        items.extend(session.genitems(BenchmarkGates.from_parent(session, name="slmdeploy", slm=self)))
+        self.gate_item_collected = True
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         for model in (self._model, self._foundry):  # generations of another test: another memory segment
@@ -315,13 +334,7 @@ class SlmDeploySession:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self._plan is None or hasattr(self.config, "workerinput"):  # the controller writes the reports
             return
-        self.report.model = self._model_facts()
-        self.report.notes = list(self._notes())
-        if self.ladder is not None:
-            self.report.ladder = self.ladder.to_json()
-            self.report.ladder_table = self.ladder.table()
-        if self.bench_metrics or self.settings.bench_baseline:
-            self._finish_benchmarks(session)
+        self.finish(session)
         if self.settings.report is not None:
             self.settings.report.parent.mkdir(parents=True, exist_ok=True)
             self.report.write_json(str(self.settings.report))
@@ -329,6 +342,16 @@ class SlmDeploySession:
         if summary:
             with open(summary, "a", encoding="utf-8") as fh:
                 fh.write(self.report.to_markdown())
+
+    def finish(self, session: pytest.Session) -> None:
+        """Complete the report: the model's facts and notes, the ladder, the gates, the history."""
+        self.report.model = self._model_facts()
+        self.report.notes = list(self._notes())
+        if self.ladder is not None:
+            self.report.ladder = self.ladder.to_json()
+            self.report.ladder_table = self.ladder.table()
+        if self.bench_metrics or self.settings.bench_baseline:
+            self._finish_benchmarks(session)
 
     def _finish_benchmarks(self, session: pytest.Session) -> None:
         """Judge the gates (unless the gate item did), save the run to the history, export, report."""
@@ -354,10 +377,10 @@ class SlmDeploySession:
             )
             if self.settings.bench_save:  # after the gates: "last" is the run before this one
                 self.bench_saved = self._history().append(record)
-            if self.settings.bench_export is not None:
+            self.exported = bench.github_action_benchmark(metrics, plan.name)
+            if self.settings.bench_export is not None and not self.in_run:  # the run writes all models' at once
                 self.settings.bench_export.parent.mkdir(parents=True, exist_ok=True)
-                exported = bench.github_action_benchmark(metrics, plan.name)
-                self.settings.bench_export.write_text(json.dumps(exported, indent=2) + "\n")
+                self.settings.bench_export.write_text(json.dumps(self.exported, indent=2) + "\n")
         for key in ("ttft_ms", "peak_rss_mb"):
             if key in metrics:  # not when only the fidelity family's figures reached the history
                 self.report.families.setdefault("benchmark", FamilyResult("benchmark")).figures[key] = metrics[key]
@@ -425,7 +448,11 @@ class SlmDeploySession:
         """The gates' verdict on the metrics recorded so far, judged once: by the gate item or at the end."""
         self.gate_item_ran |= by_item
         if self.gate_result is None:
-            self.gate_result = self._judge_gates()
+            verdict = self._judge_gates()
+            if self.in_run:  # one of several models: each reason names it
+                verdict = dataclasses.replace(verdict, summary=f"{self.name}: {verdict.summary}",
+                                              reasons=tuple(f"{self.name}: {r}" for r in verdict.reasons))  # fmt: skip
+            self.gate_result = verdict
         return self.gate_result
 
     def _judge_gates(self) -> GateResult:
@@ -461,18 +488,19 @@ class SlmDeploySession:
 
     def _report_gates(self, session: pytest.Session, verdict: GateResult) -> None:
         """Report the verdict as the test ``slmdeploy::benchmark_gates`` when no gate item ran here."""
-        location = ("slmdeploy", None, GATE_ITEM_ID)
+        nodeid = self.gate_item_id
+        location = ("slmdeploy", None, nodeid)
         if not self.gate_item_collected:
             session.testscollected += 1  # one more test of the run (the progress counts it)
         hook = self.config.hook
-        hook.pytest_runtest_logstart(nodeid=GATE_ITEM_ID, location=location)
+        hook.pytest_runtest_logstart(nodeid=nodeid, location=location)
         for when in ("setup", "call", "teardown"):
             failed = when == "call" and verdict.failed
-            properties = [(FAMILY_PROPERTY, "benchmark")]
+            properties = [(FAMILY_PROPERTY, "benchmark"), *self.model_properties()]
             if when == "call" and verdict.status == "inconclusive":
                 properties += [(INCONCLUSIVE_PROPERTY, reason) for reason in verdict.reasons]
             report = pytest.TestReport(
-                GATE_ITEM_ID,
+                nodeid,
                 location,
                 {},
                 "failed" if failed else "passed",
@@ -481,7 +509,11 @@ class SlmDeploySession:
                 user_properties=properties,
             )
             hook.pytest_runtest_logreport(report=report)
-        hook.pytest_runtest_logfinish(nodeid=GATE_ITEM_ID, location=location)
+        hook.pytest_runtest_logfinish(nodeid=nodeid, location=location)
+
+    def model_properties(self) -> list[tuple[str, str]]:
+        """The user property that names this model on its tests' reports, in a run of several models."""
+        return [(MODEL_PROPERTY, self.name)] if self.in_run else []
 
     def _how_built(self, manifest: Any) -> str:
         """``built`` by this run, ``waited`` for another process's build, or ``reused`` as it was."""
@@ -516,10 +548,16 @@ class SlmDeploySession:
             return
         from pytest_slmdeploy import bench_table
 
-        plan = self._plan
+        lines = self.section_lines(bench_table.TITLE, bench_table.take_over(self.config))
+        terminalreporter.section("slmdeploy")
+        for text, colour in lines:
+            terminalreporter.write_line(text, **({colour: True} if colour else {}))
+
+    def section_lines(self, bench_title: str = "", bench_table: Sequence[str] = ()) -> list[tuple[str, str]]:
+        """This model's lines of the ``slmdeploy`` section: the checklist, then the installed model."""
+        plan = self.plan
         state = plan.state()
-        table = bench_table.take_over(self.config)
-        lines = self.report.summary_lines(bench_table.TITLE, table, self.bench_saved)
+        lines = self.report.summary_lines(bench_title, bench_table, self.bench_saved)
         manifest = state.manifest
         if isinstance(self._deployment, SlmDeployError):
             lines.append((f"deployment FAILED: {self._deployment}", "red"))
@@ -527,9 +565,7 @@ class SlmDeploySession:
             lines.append((f"{plan.name}: not installed ({state.reason})", ""))
         else:
             lines += self._installed(manifest).lines()
-        terminalreporter.section("slmdeploy")
-        for text, colour in lines:
-            terminalreporter.write_line(text, **({colour: True} if colour else {}))
+        return lines
 
     def _installed(self, manifest: Any) -> Installed:
         plan = self.plan
@@ -539,10 +575,10 @@ class SlmDeploySession:
             "waited": "reused from the cache: another process built it while this run waited",
             "reused": "reused from the cache (no build)",
         }[self._how_built(manifest)]
-        foundry_model = self._foundry or (self._model if self.settings.backend == "foundry" else None)
         foundry = None
-        if foundry_model is not None:
-            registration = foundry_model.backend.registration
+        live = self._foundry or (self._model if self.settings.backend == "foundry" else None)
+        registration = live.backend.registration if live is not None else self._registration
+        if registration is not None:
             foundry = f"registered as {registration.model_id} (foundry-local-sdk {registration.sdk_version})"
         return Installed(
             name=plan.name,
@@ -570,7 +606,9 @@ class BenchmarkGates(pytest.Collector):
         self.slm = slm
 
     def collect(self) -> list[pytest.Item]:
-        return [BenchmarkGatesItem.from_parent(self, name="benchmark_gates", nodeid=GATE_ITEM_ID, slm=self.slm)]
+        nodeid = self.slm.gate_item_id
+        name = nodeid.partition("::")[2]
+        return [BenchmarkGatesItem.from_parent(self, name=name, nodeid=nodeid, slm=self.slm)]
 
 
 class BenchmarkGatesItem(pytest.Item):
@@ -579,7 +617,7 @@ class BenchmarkGatesItem(pytest.Item):
     def __init__(self, *, slm: SlmDeploySession, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.slm = slm
-        self.user_properties.append((FAMILY_PROPERTY, "benchmark"))
+        self.user_properties += [(FAMILY_PROPERTY, "benchmark"), *slm.model_properties()]
 
     def runtest(self) -> None:
         verdict = self.slm.judge_gates(by_item=True)
@@ -594,7 +632,7 @@ class BenchmarkGatesItem(pytest.Item):
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, GATE_ITEM_ID
+        return self.path, None, self.slm.gate_item_id
 
 
 def _threads_text(settings: Settings) -> str:

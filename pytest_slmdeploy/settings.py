@@ -6,7 +6,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pytest_slmdeploy.errors import SettingsError
@@ -165,6 +165,7 @@ class Settings:
     bench_gates: tuple[str, ...] = ()
     bench_export: Path | None = None
     limits: Mapping[str, float] = field(default_factory=lambda: {k: v for k, (v, _) in LIMITS.items()})
+    case_files: tuple[Path, ...] = ()  # this model's own domain case files (an slm_models entry's ``cases``)
 
     @property
     def enabled(self) -> bool:
@@ -304,3 +305,145 @@ def _number(key: str, value: object | None, default: float) -> float:
     if number < 0:
         raise SettingsError(f"{key} = {number:g} must be 0 or more")
     return number
+
+
+# An ``slm_models`` entry's keys; ``path`` is the only one required.
+MODEL_ENTRY_KEYS = ("name", "path", "precision", "chat_template", "cases", "limits")
+
+
+def resolve_models(
+    get: Callable[[str], object | None],
+    *,
+    ini_dir: Path,
+    cli_models: list[str] | None = None,
+    only: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> list[Settings]:
+    """The run's models, each with its own :class:`Settings`: one ``slm_model`` (today's run), a repeated
+    ``--slm-model`` (``cli_models``, made absolute by the caller), or the ``slm_models`` table.
+
+    The table is a list of entries (TOML inline tables in ``[tool.pytest.ini_options]``, or lines of
+    ``key=value`` words in an ini file) with the keys of :data:`MODEL_ENTRY_KEYS`. One ``--slm-model PATH``
+    runs the table's entries for that folder (all of them, with their names, precisions and limits), or PATH
+    alone when no entry has it, as the command line overrides the ini."""
+    entries = _entries(get("slm_models"))
+    if entries and get("slm_model") not in (None, ""):
+        raise SettingsError("slm_model and slm_models are both set: keep one (slm_models names several models)")
+    where = [f"slm_models entry {i} ({entry.get('name') or entry.get('path') or 'no path'})"
+             for i, entry in enumerate(entries, 1)]  # fmt: skip
+    if entries and cli_models and len(cli_models) > 1:
+        given = " ".join(f"--slm-model {m}" for m in cli_models)
+        raise SettingsError(
+            f"{given} and the slm_models table ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'}) both "
+            "name the run's models: keep one of them (-k NAME runs one model of the table)"
+        )
+    if entries and cli_models:
+        folder = Path(cli_models[0]).resolve()
+        chosen = [i for i, entry in enumerate(entries) if _entry_path(entry, ini_dir) == folder]
+        entries, where = [entries[i] for i in chosen], [where[i] for i in chosen]
+    if only:
+        names = [str(entry.get("name", "")) for entry in entries]
+        unknown = [name for name in only if name not in names]
+        if unknown:
+            known = ", ".join(n for n in names if n) or "none: it has no named entries"
+            raise SettingsError(f"--slm-only {unknown[0]}: no such model in the slm_models table ({known})")
+        chosen = [i for i, name in enumerate(names) if name in only]
+        entries, where = [entries[i] for i in chosen], [where[i] for i in chosen]
+    if entries:
+        cli_models = None  # the table's entries for the folder the command line named
+    several_cli = cli_models is not None and len(cli_models) > 1
+    if not entries and not several_cli:
+        first = cli_models[0] if cli_models else None
+        return [resolve_settings(lambda key: first if key == "slm_model" and first is not None else get(key),
+                                 ini_dir=ini_dir, env=env)]  # fmt: skip
+    if (len(entries) > 1 or several_cli) and get("slm_name") is not None:
+        raise SettingsError("slm_name names one model: with several, name each in the slm_models table")
+    base = resolve_settings(lambda key: None if key == "slm_model" else get(key), ini_dir=ini_dir, env=env)
+    if several_cli:
+        assert cli_models is not None
+        entries = [{"path": model} for model in cli_models]
+        where = [f"--slm-model {model}" for model in cli_models]
+    models = [_entry_settings(base, entry, label, ini_dir) for entry, label in zip(entries, where, strict=True)]
+    seen: dict[str, str] = {}
+    for settings, label in zip(models, where, strict=True):
+        name = settings.model_name
+        if name in seen:
+            raise SettingsError(
+                f"{label} and {seen[name]} are both named {name!r}: give each its own name (slm_models name = ...)"
+            )
+        seen[name] = label
+    return models
+
+
+def _entry_path(entry: dict[str, object], ini_dir: Path) -> Path | None:
+    raw = entry.get("path")
+    if not isinstance(raw, str) or not raw.strip():
+        return None
+    path = Path(raw).expanduser()
+    return (path if path.is_absolute() else ini_dir / path).resolve()
+
+
+def _entries(table: object | None) -> list[dict[str, object]]:
+    """``slm_models`` as a list of dicts: TOML tables as they are, ini lines ``key=value ...`` split."""
+    if table in (None, "", []):
+        return []
+    items = table if isinstance(table, list) else [line for line in str(table).splitlines() if line.strip()]
+    entries: list[dict[str, object]] = []
+    for i, item in enumerate(items, 1):
+        if isinstance(item, dict):
+            entries.append(dict(item))
+            continue
+        entry: dict[str, object] = {}
+        for word in str(item).split():
+            key, sep, value = word.partition("=")
+            if not sep:
+                raise SettingsError(f"slm_models entry {i} ({item}): {word!r} is not key=value")
+            entry[key] = value.split(",") if key == "cases" else value
+        entries.append(entry)
+    return entries
+
+
+def _entry_settings(base: Settings, entry: dict[str, object], label: str, ini_dir: Path) -> Settings:
+    """One model's settings: the run's, with the entry's path, name, precision, template, cases and limits."""
+    unknown = [key for key in entry if key not in MODEL_ENTRY_KEYS]
+    if unknown:
+        raise SettingsError(f"{label}: unknown key {unknown[0]!r} (known: {', '.join(MODEL_ENTRY_KEYS)})")
+    raw_path = entry.get("path")
+    if raw_path in (None, "") or not str(raw_path).strip():
+        raise SettingsError(f'{label}: no path: give the model folder, e.g. path = "models/faq"')
+
+    def where(value: object) -> Path:
+        candidate = Path(str(value)).expanduser()
+        return candidate if candidate.is_absolute() else ini_dir / candidate
+
+    try:
+        precision = _choice("precision", str(entry.get("precision", base.precision)).lower(),
+                            (*PRECISIONS, AUTO_PRECISION))  # fmt: skip
+        name = check_model_name(str(entry["name"]).strip()) if "name" in entry else None
+        limits = dict(base.limits)
+        given = entry.get("limits") or {}
+        if not isinstance(given, dict):
+            raise SettingsError("limits must be a table of checklist limits, e.g. {fidelity_max_mean_kld = 0.05}")
+        for key, value in given.items():
+            limit = str(key).removeprefix("slm_")
+            if limit not in LIMITS:
+                raise SettingsError(f"unknown limit {key!r} (the slm_* checklist limits, e.g. fidelity_max_mean_kld)")
+            limits[limit] = check_limit(limit, _number(f"slm_{limit}", value, 0.0))
+        cases = entry.get("cases") or []
+        case_list = [cases] if isinstance(cases, str) else list(cases) if isinstance(cases, list) else None
+        if case_list is None:
+            raise SettingsError("cases must be a case file or a list of them")
+        template = str(entry.get("chat_template", base.chat_template))
+    except SettingsError as exc:
+        raise SettingsError(f"{label}: {exc}") from None
+    if template not in CHAT_TEMPLATE_BUILTINS:
+        template = str(where(template))
+    return replace(
+        base,
+        model=where(raw_path),
+        precision=precision,
+        name=name,
+        chat_template=template,
+        limits=limits,
+        case_files=tuple(where(c) for c in case_list),
+    )

@@ -253,6 +253,7 @@ def test_every_ini_key_and_cli_precedence(pytester: pytest.Pytester, tiny_model:
         "report": str(root / "out/report.json"),
         "threads": "3",
         "spinning": "off",
+        "case_files": "()",  # an slm_models entry's own case files: none for one model
     }
     other_cache = tmp_path / "cli-cache"
     cli = ("--slm-precision", "fp32", "--slm-cache", str(other_cache), "--slm-name", "from-cli", "--slm-backend")

@@ -39,7 +39,9 @@ def _domain_cases(request: pytest.FixtureRequest, limit: int = 16) -> list[Any]:
     """The domain cases collected in this run (the model's own domain), as :class:`~.cases.Case`."""
     from pytest_slmdeploy.items import CaseItem
 
-    return [item.case for item in request.session.items if isinstance(item, CaseItem)][:limit]
+    name = slm_session(request.config).name
+    items = request.session.items
+    return [item.case for item in items if isinstance(item, CaseItem) and item.model in (None, name)][:limit]
 
 
 # -- deployment ---------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def test_foundry_local_loads_and_answers(slm_foundry_model: Any, slm_deployment:
 
 # -- 1. domain -----------------------------------------------------------------------------------
 @pytest.mark.slm_domain
-def test_domain_cases_exist(request: pytest.FixtureRequest) -> None:
+def test_domain_cases_exist(slm_target: Any) -> None:
     """Only collected when the run holds no domain case: says how to add them, and counts as skipped."""
     pytest.skip(
         "no domain cases: put slm_cases.yaml in the model folder or slm_cases*.yaml among your tests "
