@@ -189,10 +189,23 @@ def _parser() -> argparse.ArgumentParser:
         "pytest-slmdeploy), the Python version and the OS/architecture",
     )
     fingerprint.add_argument(
+        "--name",
+        help="a model of the slm_models table, by name: its folder and precision (a table of several needs it)",
+    )
+    fingerprint.add_argument(
         "--precision",
         choices=PRECISIONS,
         help="precision in the cache key (default: slm_precision from the pytest configuration, else int4)",
     )
+    report = command(commands, "report", "the checklist reports of pytest runs (--slm-report files)")
+    report_actions = report.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    merge = command(
+        report_actions,
+        "merge",
+        "one Markdown summary of several reports (e.g. a CI matrix's jobs, a model each); exit 1 if any model "
+        "failed, 2 if a report is missing or unreadable",
+    )
+    merge.add_argument("reports", type=Path, nargs="+", metavar="FILE", help="--slm-report JSON files")
     verify = command(commands, "verify", "re-hash an installed model's files against its manifest", on_cache)
     verify.add_argument("name", help="installed model name (see slmdeploy ls)")
     remove = command(commands, "rm", "remove an installed model", on_cache)
@@ -356,20 +369,64 @@ def _fingerprint(args: argparse.Namespace, config: ProjectConfig) -> int:
     from pytest_slmdeploy.source import fingerprint as content_hash
     from pytest_slmdeploy.source import inspect_source
 
-    model = args.model or config.path_value("slm_model")
-    if model is None:
-        raise SettingsError("no model folder: pass MODEL, or set slm_model in the pytest configuration")
     if args.precision and not args.cache_key:
         raise SettingsError("--precision is part of the --cache-key only: add --cache-key")
-    digest = content_hash(inspect_source(model).path)
-    if not args.cache_key:
-        print(digest)
-        return 0
-    precision = args.precision or str(config.values.get("slm_precision") or "int4").strip().lower()
-    if precision not in (*PRECISIONS, AUTO_PRECISION):  # auto: the key of a cache that holds the ladder's rungs
-        raise SettingsError(f"slm_precision = {precision!r} is not one of {', '.join(PRECISIONS)}, auto")
-    print(cache_key(digest, precision))
+    if args.model is not None:
+        configured = [(args.model, str(config.values.get("slm_precision") or "int4"))]
+    else:
+        configured = [(m.model, m.precision) for m in _configured_models(config, args.name)]
+    if not configured or configured[0][0] is None:
+        raise SettingsError("no model folder: pass MODEL, or set slm_model in the pytest configuration")
+    keys = []
+    for model, default in configured:
+        assert model is not None
+        digest = content_hash(inspect_source(model).path)
+        if not args.cache_key:
+            print(digest)
+            return 0
+        precision = args.precision or default.strip().lower()
+        if precision not in (*PRECISIONS, AUTO_PRECISION):  # auto: the key of a cache that holds the ladder's rungs
+            raise SettingsError(f"slm_precision = {precision!r} is not one of {', '.join(PRECISIONS)}, auto")
+        keys.append((digest, precision))
+    if len(keys) == 1:
+        print(cache_key(*keys[0]))
+    else:  # one cache for the builds of every model in the table (a job that checks them all)
+        import hashlib
+
+        combined = hashlib.sha256(" ".join(f"{d}:{p}" for d, p in keys).encode()).hexdigest()
+        print(cache_key(combined, f"{len(keys)}models"))
     return 0
+
+
+def _configured_models(config: ProjectConfig, name: str | None) -> list[Settings]:
+    """The models the pytest configuration names: ``slm_model``, the ``slm_models`` table, or its entry
+    called ``name``."""
+    from pytest_slmdeploy.settings import resolve_models
+
+    folder = config.path.parent if config.path is not None else Path.cwd()
+    models = resolve_models(config.values.get, ini_dir=folder)
+    if name is None:
+        return models
+    found = [m for m in models if m.enabled and m.model_name == name]
+    if not found:
+        names = ", ".join(m.model_name for m in models if m.enabled)
+        raise SettingsError(f"no model named {name!r} in the pytest configuration" + (f" ({names})" if names else ""))
+    return found
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from pytest_slmdeploy.report import reports_in, write_runs_markdown
+
+    reports = []
+    for path in args.reports:
+        try:
+            reports += reports_in(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SettingsError(f"{path}: not a --slm-report file ({exc})") from None
+    print(write_runs_markdown(reports), end="")
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             args.history = config.history_dir(args.history)
             return _bench(args)
+        if args.command == "report":
+            return _report(args)
         cache_dir = config.cache_dir(args.cache)
         cache = ModelCache(cache_dir)
         if args.command == "build":

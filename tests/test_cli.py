@@ -233,7 +233,7 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 def test_every_command_and_argument_has_help() -> None:
     parsers = _parsers(_parser())
-    assert len(parsers) == 11  # slmdeploy, its 7 commands, bench's 3 actions
+    assert len(parsers) == 13  # slmdeploy, its 8 commands, bench's 3 actions, report's 1
     for parser in parsers:
         assert parser.description, parser.prog
         for action in parser._actions:
