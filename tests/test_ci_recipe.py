@@ -8,6 +8,7 @@ as a key -> folder store. Every ``run:`` step except installing and training run
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -162,11 +163,13 @@ class Run:
 
 
 class Actions:
-    """Runs the workflow's one job in ``workspace``; ``caches`` plays GitHub's cache service across runs."""
+    """Runs one job of the workflow in ``workspace`` (its only one unless ``job`` names it); ``caches`` plays
+    GitHub's cache service across runs, ``artifacts`` its artifact store within one workflow run."""
 
-    def __init__(self, workflow: dict[str, Any], caches: dict[str, Path], store: Path) -> None:
+    def __init__(self, workflow: dict[str, Any], caches: dict[str, Path], store: Path, job: str | None = None) -> None:
         self.workflow, self.caches, self.store = workflow, caches, store
-        (self.job,) = workflow["jobs"].values()
+        (self.job,) = workflow["jobs"].values() if job is None else (workflow["jobs"][job],)
+        self.artifacts: dict[str, Path] = {}
 
     def run(
         self,
@@ -176,6 +179,8 @@ class Actions:
         run_id: int,
         inputs: dict[str, str],
         before: Callable[[str, Path], None] = lambda step, project: None,
+        matrix: dict[str, str] | None = None,
+        needs: dict[str, dict[str, str]] | None = None,
     ) -> Run:
         result = Run()
         failed = False
@@ -184,6 +189,8 @@ class Actions:
             "runner": {"os": platform.system(), "arch": {"x86_64": "X64", "aarch64": "ARM64"}.get(platform.machine())},
             "inputs": inputs,
             "steps": {},
+            "matrix": matrix or {},
+            "needs": needs or {},
         }
         functions: dict[str, Callable[..., Any]] = {
             "always": lambda: True,
@@ -201,7 +208,8 @@ class Actions:
         context["env"] = {k: interpolate(str(v)) for k, v in self.workflow.get("env", {}).items()}
         directory = interpolate(self.job.get("defaults", {}).get("run", {}).get("working-directory", "."))
         result.project = project = workspace / directory
-        summary_file, post_saves = workspace.parent / f"summary-{run_id}.md", []
+        tag = "-".join([str(run_id), *(matrix or {}).values()])
+        summary_file, post_saves = workspace.parent / f"summary-{tag}.md", []
         for step in self.job["steps"]:
             name = step.get("name") or step["uses"]
             condition = str(step.get("if", "success()")).removeprefix("${{").removesuffix("}}")
@@ -214,7 +222,7 @@ class Actions:
             with_ = {k: interpolate(str(v)) for k, v in step.get("with", {}).items()}
             ok, done_here = True, True
             if "run" in step and name not in NOT_RUN:
-                output_file = workspace.parent / f"output-{run_id}-{len(result.steps)}"
+                output_file = workspace.parent / f"output-{tag}-{len(result.steps)}"
                 output_file.write_text("")
                 env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "GITHUB_"))}
                 env |= context["env"] | {k: interpolate(str(v)) for k, v in step.get("env", {}).items()}
@@ -243,7 +251,16 @@ class Actions:
                         post_saves.append((with_["key"], path))
                 else:
                     self._save(with_["key"], path)
-            else:  # checkout, setup-python, upload-artifact, and the run steps in NOT_RUN
+            elif step.get("uses", "").startswith("actions/upload-artifact"):
+                source = workspace / with_["path"]
+                if source.is_dir():
+                    self.artifacts[with_["name"]] = Path(shutil.copytree(source, self.store / f"artifact-{tag}"))
+            elif step.get("uses", "").startswith("actions/download-artifact"):
+                pattern = with_["pattern"].replace("*", ".*")
+                for name, folder in self.artifacts.items():
+                    if re.fullmatch(pattern, name):
+                        shutil.copytree(folder, workspace / with_["path"] / name)
+            else:  # checkout, setup-python, and the run steps in NOT_RUN
                 done_here = False
             result.steps[name] = ("success" if ok else "failure") if done_here else "stand-in"
             failed |= not ok
@@ -275,11 +292,11 @@ def workflow() -> dict[str, Any]:
     return loaded
 
 
-def _checkout(root: Path, tiny_model: Path) -> Path:
+def _checkout(root: Path, tiny_model: Path, pyproject: str = PROJECT_PYPROJECT) -> Path:
     """A fresh clone of a repository whose project sits in app/ (so the working-directory input matters)."""
     project = root / "app"
     (project / "tests").mkdir(parents=True)
-    (project / "pyproject.toml").write_text(PROJECT_PYPROJECT)
+    (project / "pyproject.toml").write_text(pyproject)
     (project / "tests" / "test_speed.py").write_text(BENCHMARK_TEST)
     shutil.copytree(tiny_model, project / "model")
     return root
@@ -434,3 +451,94 @@ def test_the_docs_show_the_workflows_steps(workflow: dict[str, Any]) -> None:
     assert len(quoted) >= 4
     for step in quoted:
         assert step == steps.get(step["name"]), step["name"]
+
+
+# -- the matrix recipe: a job per model, then one merge --------------------------------------------------------
+MATRIX_WORKFLOW = WORKFLOW.with_name("slm-deploy-matrix.yml")
+MATRIX_PYPROJECT = """
+[tool.pytest.ini_options]
+slm_cache = ".slmdeploy-cache"
+slm_bench_history = ".slmdeploy/history"
+slm_suite = false
+slm_benchmark_rounds = "5"
+slm_bench_gate = "decode_tps:-75% ttft_ms:+400% peak_rss_mb:+100%"
+slm_models = [
+  {name = "shop-faq-int4", path = "model", precision = "int4"},
+  {name = "shop-faq-int8", path = "model", precision = "int8"},
+]
+"""
+
+
+def _matrix_run(
+    workflow: dict[str, Any], caches: dict[str, Path], root: Path, tiny_model: Path, run_id: int,
+    before: Callable[[str, str, Path], None] = lambda model, step, project: None,
+) -> tuple[dict[str, Run], Run]:  # fmt: skip
+    """One workflow run: each matrix job in a fresh checkout, then the merge job with their artifacts."""
+    jobs = Actions(workflow, caches, root / "cache-service", job="check-model")
+    runs = {}
+    for model in workflow["jobs"]["check-model"]["strategy"]["matrix"]["model"]:
+        checkout = _checkout(root / f"run{run_id}-{model}", tiny_model, MATRIX_PYPROJECT)
+        runs[model] = jobs.run(checkout, ref=MAIN, run_id=run_id, inputs={"working-directory": "app"},
+                               matrix={"model": model}, before=functools.partial(before, model))  # fmt: skip
+    result = "success" if all("failure" not in run.steps.values() for run in runs.values()) else "failure"
+    merge = Actions(workflow, caches, root / "cache-service", job="merge")
+    merge.artifacts = jobs.artifacts
+    (root / f"run{run_id}-merge").mkdir()
+    merged = merge.run(root / f"run{run_id}-merge", ref=MAIN, run_id=run_id, inputs={},
+                       needs={"check-model": {"result": result}})  # fmt: skip
+    return runs, merged
+
+
+def test_the_matrix_checks_each_model_in_its_job_and_the_merge_names_a_regression(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    workflow = yaml.safe_load(MATRIX_WORKFLOW.read_text())
+    caches: dict[str, Path] = {}
+    gate, merge_step = "Build, install and check", "One summary for every model"
+
+    first, merged = _matrix_run(workflow, caches, tmp_path, tiny_model, 1)
+    for model, run in first.items():
+        check = run.logs[gate].stdout
+        assert run.steps[gate] == "success", check + run.logs[gate].stderr
+        assert f"no baseline yet for {model}: this run becomes the baseline" in check
+        assert f"{model} [{model[-4:]}]: built in" in check  # its own build, under its own cache key
+        assert run.outputs["model"]["key"].split("-")[2] == model[-4:]
+        report = json.loads((run.project / "reports" / "checklist.json").read_text())
+        assert report["model"]["name"] == model  # --slm-only: this job's model alone, as a one-model run
+    assert {key.split("-Linux")[0] for key in caches if key.startswith("slmdeploy-history-")} == {
+        "slmdeploy-history-shop-faq-int4", "slmdeploy-history-shop-faq-int8"
+    }  # fmt: skip
+    assert merged.steps[merge_step] == "success", merged.logs[merge_step].stderr
+    assert "## pytest-slmdeploy: 2 models, all passed" in merged.summary
+    assert "| shop-faq-int4 | int4 |" in merged.summary
+    assert "| shop-faq-int8 | int8 |" in merged.summary
+
+    def regress(model: str, step: str, project: Path) -> None:
+        """shop-faq-int8's last main run, as restored, used a quarter of the memory this run's model needs."""
+        if model == "shop-faq-int8" and step == gate:
+            history = project / ".slmdeploy" / "history" / f"{model}.jsonl"
+            last = json.loads(history.read_text().splitlines()[-1])
+            last["metrics"]["peak_rss_mb"] /= 4
+            with history.open("a") as fh:
+                fh.write(json.dumps(dict(last, name="lean", created_at=time.time())) + "\n")
+
+    second, merged = _matrix_run(workflow, caches, tmp_path, tiny_model, 2, before=regress)
+    assert second["shop-faq-int4"].steps[gate] == "success", second["shop-faq-int4"].logs[gate].stdout
+    check = second["shop-faq-int8"].logs[gate].stdout
+    assert second["shop-faq-int8"].steps[gate] == "failure", check
+    assert "reused from the cache (no build)" in check
+    assert re.search(r"FAILED slmdeploy::benchmark_gates - peak_rss_mb grew [\d.]+%: .*baseline run 'lean'", check)
+    assert merged.steps[merge_step] == "failure"
+    assert "## pytest-slmdeploy: 2 models, 1 of 2 FAILED (shop-faq-int8)" in merged.summary
+    assert "- peak_rss_mb grew" in merged.summary
+
+
+def test_the_matrix_lists_the_example_projects_models() -> None:
+    """The matrix and the example project's slm_models table name the same models."""
+    import tomllib
+
+    workflow = yaml.safe_load(MATRIX_WORKFLOW.read_text())
+    project = tomllib.loads((WORKFLOW.parents[2] / "pyproject.toml").read_text())
+    table = project["tool"]["pytest"]["ini_options"]["slm_models"]
+    assert workflow["jobs"]["check-model"]["strategy"]["matrix"]["model"] == [entry["name"] for entry in table]
+    assert workflow["jobs"]["merge"]["if"] == "always()"
