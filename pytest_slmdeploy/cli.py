@@ -371,6 +371,8 @@ def _fingerprint(args: argparse.Namespace, config: ProjectConfig) -> int:
 
     if args.precision and not args.cache_key:
         raise SettingsError("--precision is part of the --cache-key only: add --cache-key")
+    if args.model is not None and args.name is not None:
+        raise SettingsError("give MODEL or --name NAME, not both")
     if args.model is not None:
         configured = [(args.model, str(config.values.get("slm_precision") or "int4"))]
     else:
@@ -383,11 +385,13 @@ def _fingerprint(args: argparse.Namespace, config: ProjectConfig) -> int:
         digest = content_hash(inspect_source(model).path)
         if not args.cache_key:
             print(digest)
-            return 0
+            continue
         precision = args.precision or default.strip().lower()
         if precision not in (*PRECISIONS, AUTO_PRECISION):  # auto: the key of a cache that holds the ladder's rungs
             raise SettingsError(f"slm_precision = {precision!r} is not one of {', '.join(PRECISIONS)}, auto")
         keys.append((digest, precision))
+    if not keys:
+        return 0
     if len(keys) == 1:
         print(cache_key(*keys[0]))
     else:  # one cache for the builds of every model in the table (a job that checks them all)

@@ -72,7 +72,7 @@ class CaseItem(pytest.Item):
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, f"case {self.case.id}"
+        return self.path, None, f"case {self.case.id}" + (f" [{self.model}]" if self.model else "")
 
 
 def model_case_files(model_dir: Path) -> list[Path]:

@@ -8,7 +8,7 @@ run has a model.
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,12 +171,25 @@ def _value(config: pytest.Config, key: str) -> object | None:
 
 
 def _cli_models(config: pytest.Config) -> list[str] | None:
-    """Each ``--slm-model`` given, made absolute against the invocation dir ("" kept: the settings refuse it)."""
+    """Each ``--slm-model`` of the command line, made absolute against the invocation dir ("" kept: the settings
+    refuse it); ``NAME=PATH`` stays named. Several only when the command line itself repeats the option: one
+    given in ``addopts`` or ``PYTEST_ADDOPTS`` is replaced by the command line's, as before."""
     given = config.getoption("slm_model", None)
     if not given:
         return None
+    typed = sum(1 for arg in config.invocation_params.args if str(arg).split("=")[0] == "--slm-model")
+    values = [str(value) for value in given][-max(1, typed) :]
     here = config.invocation_params.dir
-    return [str(here / Path(str(value)).expanduser()) if str(value).strip() else "" for value in given]
+    return [_cli_model(value, here) for value in values]
+
+
+def _cli_model(value: str, here: Path) -> str:
+    if not value.strip():
+        return ""
+    name, sep, path = value.partition("=")
+    if sep and name and "/" not in name and not (here / value).exists():  # NAME=PATH
+        return f"{name}={here / Path(path).expanduser()}"
+    return str(here / Path(value).expanduser())
 
 
 def _names_suite(arg: str, invocation_dir: Path) -> bool:
@@ -216,7 +229,8 @@ class Selection:  # not a dataclass: making one costs about 1 ms of import in ev
         missing = [
             arg
             for arg in self.named
-            if arg not in added_later and not any(_selects(arg, item.nodeid) for item in chosen)
+            if not any(_selects(arg, later) for later in added_later)
+            and not any(_selects(arg, item.nodeid) for item in chosen)
         ]
         if missing:
             known = ", ".join(sorted({item.nodeid.partition("[")[0] for item in items}))
@@ -292,13 +306,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(run, "slmdeploy-run")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns -n N into --dist load
-def pytest_cmdline_main(config: pytest.Config) -> None:
+@pytest.hookimpl(wrapper=True)  # a wrapper runs before pytest-xdist's tryfirst hook, which makes -n N --dist load
+def pytest_cmdline_main(config: pytest.Config) -> Generator[None, object, object]:
     """Several models under ``-n N`` without ``--dist``: ``--dist loadgroup``, so one worker builds, loads and
     checks each model (``--dist load`` would load every model on every worker)."""
     option = config.option
     if getattr(option, "numprocesses", None) and getattr(option, "dist", "no") == "no" and _model_count(config) > 1:
         option.dist = "loadgroup"
+    return (yield)
 
 
 def _model_count(config: pytest.Config) -> int:

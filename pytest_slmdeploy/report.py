@@ -175,6 +175,7 @@ class RunReport:
             "gates": self.gates.to_json() if self.gates else None,
             "notes": self.notes,
             "ladder": self.ladder,
+            "ladder_table": self.ladder_table,
         }
 
     @classmethod
@@ -192,6 +193,7 @@ class RunReport:
             gates=GateResult(gates["status"], gates["summary"], tuple(gates.get("reasons", ()))) if gates else None,
             notes=list(data.get("notes", [])),
             ladder=data.get("ladder"),
+            ladder_table=list(data.get("ladder_table", [])),
         )
 
     def write_json(self, path: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pytest_slmdeploy.report import Line, write_runs_markdown
+from pytest_slmdeploy.report import FAMILY_PROPERTY, Line, write_runs_markdown
 from pytest_slmdeploy.session import MODEL_PROPERTY, SlmDeploySession
 
 TARGET = "slm_target"  # the session-scoped fixture parametrized with the models' names
@@ -34,7 +34,9 @@ def model_of(item: pytest.Item) -> str | None:
 def model_in_nodeid(nodeid: str, names: Sequence[str]) -> str | None:
     """The model a node id names in its parameter id (``[faq-int4]``, ``[faq-int4-16]``, ``[16-faq-int4]``);
     ``names`` longest first."""
-    ids = nodeid.partition("@")[0].rpartition("[")[2].removesuffix("]")
+    if nodeid.rfind("@") > nodeid.rfind("]"):  # xdist's "@group" suffix, where it can still write one
+        nodeid = nodeid[: nodeid.rfind("@")]
+    ids = nodeid.rpartition("[")[2].removesuffix("]")
     for name in names:
         if ids == name or ids.startswith(f"{name}-") or ids.endswith(f"-{name}") or f"-{name}-" in ids:
             return name
@@ -158,10 +160,14 @@ class SlmDeployRun:
         if session is not None:
             self.reported.add(session.name)
             session.pytest_runtest_logreport(report)
+        elif name is None and any(k == FAMILY_PROPERTY for k, _ in report.user_properties):
+            # A checklist test that reaches no model through a fixture: it speaks for every model.
+            for each in self.sessions.values():
+                each.pytest_runtest_logreport(report)
 
     def ran(self) -> list[SlmDeploySession]:
-        """The models this run checked: those with a test report (all of them when none reported)."""
-        return [s for s in self.sessions.values() if s.name in self.reported] or list(self.sessions.values())
+        """The models this run checked: those with a test report of their own."""
+        return [s for s in self.sessions.values() if s.name in self.reported]
 
     # -- reporting --------------------------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)  # a gate reported here must reach JUnit before it writes its file
@@ -171,7 +177,7 @@ class SlmDeployRun:
         sessions = self.ran()
         for slm in sessions:
             slm.finish(session)
-        settings = sessions[0].settings  # the run-wide options are every model's
+        settings = next(iter(self.sessions.values())).settings  # the run-wide options are every model's
         reports = [slm.report for slm in sessions]
         if settings.report is not None:
             settings.report.parent.mkdir(parents=True, exist_ok=True)

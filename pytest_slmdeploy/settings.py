@@ -308,6 +308,7 @@ def _number(key: str, value: object | None, default: float) -> float:
 
 
 # An ``slm_models`` entry's keys; ``path`` is the only one required.
+LADDER_RUNGS = ("int4", "int4-mixed", "int8", "fp32")  # recipes.LADDER (this module imports no stage)
 MODEL_ENTRY_KEYS = ("name", "path", "precision", "chat_template", "cases", "limits")
 
 
@@ -341,38 +342,53 @@ def resolve_models(
         folder = Path(cli_models[0]).resolve()
         chosen = [i for i, entry in enumerate(entries) if _entry_path(entry, ini_dir) == folder]
         entries, where = [entries[i] for i in chosen], [where[i] for i in chosen]
-    if only:
-        names = [str(entry.get("name", "")) for entry in entries]
-        unknown = [name for name in only if name not in names]
-        if unknown:
-            known = ", ".join(n for n in names if n) or "none: it has no named entries"
-            raise SettingsError(f"--slm-only {unknown[0]}: no such model in the slm_models table ({known})")
-        chosen = [i for i, name in enumerate(names) if name in only]
-        entries, where = [entries[i] for i in chosen], [where[i] for i in chosen]
     if entries:
         cli_models = None  # the table's entries for the folder the command line named
     several_cli = cli_models is not None and len(cli_models) > 1
+    first = cli_models[0] if cli_models and not several_cli else None
+    if not entries and first is not None and "=" in first and not Path(first).is_absolute():  # one NAME=PATH
+        entries, where, cli_models = [_named(first)], [f"--slm-model {first}"], None
     if not entries and not several_cli:
-        first = cli_models[0] if cli_models else None
-        return [resolve_settings(lambda key: first if key == "slm_model" and first is not None else get(key),
-                                 ini_dir=ini_dir, env=env)]  # fmt: skip
+        single = resolve_settings(lambda key: first if key == "slm_model" and first is not None else get(key),
+                                  ini_dir=ini_dir, env=env)  # fmt: skip
+        if only and (not single.enabled or single.model_name not in only):
+            found = single.model_name if single.enabled else "none"
+            raise SettingsError(f"--slm-only {only[0]}: no such model in this run ({found})")
+        return [single]
     if (len(entries) > 1 or several_cli) and get("slm_name") is not None:
         raise SettingsError("slm_name names one model: with several, name each in the slm_models table")
     base = resolve_settings(lambda key: None if key == "slm_model" else get(key), ini_dir=ini_dir, env=env)
     if several_cli:
         assert cli_models is not None
-        entries = [{"path": model} for model in cli_models]
+        entries = [_named(model) for model in cli_models]
         where = [f"--slm-model {model}" for model in cli_models]
     models = [_entry_settings(base, entry, label, ini_dir) for entry, label in zip(entries, where, strict=True)]
     seen: dict[str, str] = {}
     for settings, label in zip(models, where, strict=True):
-        name = settings.model_name
-        if name in seen:
-            raise SettingsError(
-                f"{label} and {seen[name]} are both named {name!r}: give each its own name (slm_models name = ...)"
-            )
-        seen[name] = label
+        # The precision ladder installs each rung as <name>-<precision>: those names are taken too.
+        rungs = [f"{settings.model_name}-{p}" for p in LADDER_RUNGS] if settings.precision == AUTO_PRECISION else []
+        for name in (settings.model_name, *rungs):
+            if name in seen:
+                raise SettingsError(
+                    f"{label} and {seen[name]} are both named {name!r}: give each its own name "
+                    "(slm_models name = ..., or --slm-model NAME=PATH)"
+                )
+            seen[name] = label
+    if only:
+        names = [m.model_name for m in models]
+        unknown = [name for name in only if name not in names]
+        if unknown:
+            raise SettingsError(f"--slm-only {unknown[0]}: no such model in this run ({', '.join(names)})")
+        models = [m for m in models if m.model_name in only]
     return models
+
+
+def _named(value: str) -> dict[str, object]:
+    """A command-line model: ``PATH`` or ``NAME=PATH`` (the caller made the path absolute)."""
+    name, sep, path = value.partition("=")
+    if sep and not Path(value).is_absolute():
+        return {"name": name, "path": path}
+    return {"path": value}
 
 
 def _entry_path(entry: dict[str, object], ini_dir: Path) -> Path | None:

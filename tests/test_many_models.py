@@ -7,6 +7,7 @@ import fnmatch
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,8 +217,8 @@ def test_repeated_slm_model_and_a_table_do_not_mix(pytester: pytest.Pytester, ti
 
 
 # -- settings, without pytest -------------------------------------------------------------------------------
-def _models(values: dict[str, object], cli: list[str] | None = None) -> list[object]:
-    return list(resolve_models(values.get, ini_dir=Path("/proj"), cli_models=cli, env={"XDG_CACHE_HOME": "/x"}))
+def _models(values: dict[str, object], cli: list[str] | None = None, only: list[str] | None = None) -> list[Any]:
+    return resolve_models(values.get, ini_dir=Path("/proj"), cli_models=cli, only=only, env={"XDG_CACHE_HOME": "/x"})
 
 
 def test_one_model_resolves_as_before() -> None:
@@ -244,6 +245,24 @@ def test_a_table_entry_overrides_limits_for_its_model_only() -> None:
     assert (a.limits["fidelity_max_mean_kld"], b.limits["fidelity_max_mean_kld"]) == (0.02, 0.1)  # type: ignore[attr-defined]
 
 
+def test_named_models_on_the_command_line_and_only() -> None:
+    v1, v2 = _models({}, cli=["faq-v1=/runs/a/model", "faq-v2=/runs/b/model"])
+    assert (v1.model_name, v1.model, v2.model_name) == ("faq-v1", Path("/runs/a/model"), "faq-v2")  # type: ignore[attr-defined]
+    (only,) = _models({}, cli=["faq-v1=/runs/a/model", "faq-v2=/runs/b/model"], only=["faq-v2"])
+    assert only.model == Path("/runs/b/model")  # type: ignore[attr-defined]
+    (unnamed,) = _models({"slm_models": [{"path": "a"}, {"path": "b"}]}, only=["b-int4"])  # the default name
+    assert unnamed.model == Path("/proj/b")  # type: ignore[attr-defined]
+
+
+def test_model_in_nodeid() -> None:
+    names = ["faq-int4", "faq"]  # longest first
+    assert model_in_nodeid("slmdeploy::test_x[faq-int4-16]", names) == "faq-int4"
+    assert model_in_nodeid("slmdeploy::test_x[16-faq]", names) == "faq"
+    assert model_in_nodeid("slmdeploy::test_x[faq-int4-ort-genai]@faq-int4", names) == "faq-int4"
+    assert model_in_nodeid("tests/v1@rc/test_a.py::test_y[faq]", names) == "faq"  # an "@" in a folder name
+    assert model_in_nodeid("tests/test_a.py::test_z", names) is None
+
+
 @pytest.mark.parametrize(
     ("values", "cli", "message"),
     [
@@ -251,13 +270,20 @@ def test_a_table_entry_overrides_limits_for_its_model_only() -> None:
         ({"slm_models": [{"path": "a"}], "slm_model": "b"}, None, "slm_model and slm_models are both set*"),
         ({}, ["/a/m", "/b/m"], "--slm-model /b/m and --slm-model /a/m are both named 'm-int4'*"),
         ({"slm_models": ["name=a path"]}, None, "slm_models entry 1 (name=a path): 'path' is not key=value"),
+        (
+            {"slm_models": [{"name": "f", "path": "m", "precision": "auto"}, {"name": "f-int8", "path": "m"}]},
+            None,
+            "slm_models entry 2 (f-int8) and slm_models entry 1 (f) are both named 'f-int8'*",  # a ladder rung
+        ),
+        ({"slm_models": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}]}, ["only:c"], "--slm-only c*"),
     ],
 )
 def test_settings_refuse_a_run_of_models_that_cannot_be_told_apart(
     values: dict[str, object], cli: list[str] | None, message: str
 ) -> None:
+    only = [c.removeprefix("only:") for c in cli or () if c.startswith("only:")] or None
     with pytest.raises(SettingsError) as info:
-        _models(values, cli)
+        _models(values, None if only else cli, only=only)
     assert fnmatch.fnmatchcase(str(info.value), message), str(info.value)
 
 
@@ -301,3 +327,14 @@ def test_cache_keys_per_model_of_the_table(
     assert both not in keys.values()
     assert main(["fingerprint", "--cache-key", "--name", "faq-fp32"]) == 2
     assert "no model named 'faq-fp32' in the pytest configuration (faq-int4, faq-int8)" in capsys.readouterr().err
+
+
+def test_a_model_in_addopts_is_replaced_by_the_command_lines(
+    pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path
+) -> None:
+    """addopts = --slm-model A and pytest --slm-model B: B alone, as before several models were possible."""
+    pytester.makeini(f"[pytest]\naddopts = --slm-model={tmp_path / 'elsewhere'}\n")
+    result = pytester.runpytest(f"--slm-model=faq-one={tiny_model}", f"--slm-cache={tmp_path / 'c'}", "--co")
+    assert result.ret == pytest.ExitCode.OK, result.stderr.str()
+    result.stdout.fnmatch_lines(["slmdeploy: * -> faq-one [[]int4[]]"])  # named on the command line
+    result.stdout.fnmatch_lines(["*<Function test_model_loads_and_answers>"])  # one model: ids as before
