@@ -237,7 +237,11 @@ def _bench(args: argparse.Namespace) -> int:
     if not records:
         print(f"no benchmark history in {args.history}" + (f" for {args.model}" if args.model else ""))
         return 1
-    if args.action == "history":
+    models = sorted({record.model for record in records})
+    if args.action == "history" and len(models) > 1:  # several models: a table each, each against its own last run
+        for model in models:
+            print(f"#### {model}\n\n{bench.markdown_table([r for r in records if r.model == model])}")
+    elif args.action == "history":
         print(bench.markdown_table(records), end="")
     elif args.action == "compare":
         if len(args.runs) > 2:

@@ -339,3 +339,21 @@ def test_a_model_in_addopts_is_replaced_by_the_command_lines(
     assert result.ret == pytest.ExitCode.OK, result.stderr.str()
     result.stdout.fnmatch_lines(["slmdeploy: * -> faq-one [[]int4[]]"])  # named on the command line
     result.stdout.fnmatch_lines(["*<Function test_model_loads_and_answers>"])  # one model: ids as before
+
+
+def test_bench_history_shows_a_table_per_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_slmdeploy.bench import History, RunRecord
+    from pytest_slmdeploy.cli import main
+
+    history = History(tmp_path)
+    for i, (model, tps) in enumerate([("a", 100.0), ("b", 50.0), ("a", 90.0), ("b", 55.0)]):
+        history.append(RunRecord(f"run{i}", model, "f", "int4", {"decode_tps": tps}, created_at=1e9 + i))
+    assert main(["bench", "--history", str(tmp_path), "history"]) == 0
+    out = capsys.readouterr().out
+    a, b = out.split("#### b")
+    assert a.startswith("#### a")
+    assert "run0" in a
+    assert "run2" in a
+    assert "run1" not in a
+    assert "-10.0%" in a
+    assert "+10.0%" in b
