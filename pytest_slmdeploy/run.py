@@ -145,14 +145,8 @@ class SlmDeployRun:
         session = self.sessions.get(model_of(item) or "")
         if session is None:
             return (yield)
-        timed = any(item.get_closest_marker(name) for name in ("slm_benchmark", "slm_lengths"))
-        if timed:
-            session.other_load.resume()
-        try:
+        with session.measuring_other_load(item):
             return (yield)
-        finally:
-            if timed:
-                session.other_load.pause()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         name = next((str(v) for k, v in report.user_properties if k == MODEL_PROPERTY), None)

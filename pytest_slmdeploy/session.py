@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -434,12 +435,17 @@ class SlmDeploySession:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Any:
+        with self.measuring_other_load(item):
+            return (yield)
+
+    @contextlib.contextmanager
+    def measuring_other_load(self, item: pytest.Item) -> Iterator[None]:
         """Other processes' load is measured while the timed tests run (the gates judge their figures)."""
         timed = any(item.get_closest_marker(name) for name in ("slm_benchmark", "slm_lengths"))
         if timed:
             self.other_load.resume()
         try:
-            return (yield)
+            yield
         finally:
             if timed:
                 self.other_load.pause()
