@@ -348,6 +348,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if run is not None:
             run.claim(items)
         return
+    from pytest_slmdeploy.run import model_of
     from pytest_slmdeploy.session import SUITE_PATH
 
     # The suite lives in site-packages; fixed node ids keep it readable ("slmdeploy::test_...").
@@ -363,7 +364,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             item
             for item in suite
             if getattr(item, "originalname", item.name) != "test_domain_cases_exist"
-            or (None not in with_cases and _model_of(item) not in with_cases)
+            or (None not in with_cases and model_of(item) not in with_cases)
         ]
     # With a baseline the session adds the gate item after every plugin has selected: naming it is no mistake.
     gates = tuple(slm.gate_item_id for slm in sessions if slm.settings.bench_baseline)
@@ -384,11 +385,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     _give_cases(sessions, [*items, *suite])
     if run is not None:
         run.claim(items)
-
-
-def _model_of(item: pytest.Item) -> str | None:
-    callspec = getattr(item, "callspec", None)
-    return None if callspec is None else callspec.params.get("slm_target")
 
 
 def _give_cases(sessions: Sequence[SlmDeploySession], items: Sequence[pytest.Item]) -> None:
@@ -423,18 +419,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    run = config.stash.get(_run_key, None)
-    if run is not None:
-        run.close()
-        if config.pluginmanager.is_registered(run):
-            config.pluginmanager.unregister(run)
-        del config.stash[_run_key]
-    session = config.stash.get(_session_key, None)
-    if session is not None:
-        session.close()
-        if config.pluginmanager.is_registered(session):
-            config.pluginmanager.unregister(session)
-        del config.stash[_session_key]
+    keys: tuple[pytest.StashKey[Any], ...] = (_run_key, _session_key)  # several models' run, or one model's session
+    for key in keys:
+        owner = config.stash.get(key, None)
+        if owner is not None:
+            owner.close()
+            if config.pluginmanager.is_registered(owner):
+                config.pluginmanager.unregister(owner)
+            del config.stash[key]
 
 
 def _session(request: pytest.FixtureRequest) -> SlmDeploySession:
