@@ -14,7 +14,14 @@ from pathlib import Path
 from pytest_slmdeploy.cache import ManifestError, ModelCache
 from pytest_slmdeploy.errors import SettingsError, SlmDeployError
 from pytest_slmdeploy.foundry import is_foundry_entry
-from pytest_slmdeploy.settings import AUTO_PRECISION, PRECISIONS, Settings, check_model_name, default_cache_dir
+from pytest_slmdeploy.settings import (
+    AUTO_PRECISION,
+    PRECISIONS,
+    Settings,
+    check_model_name,
+    default_cache_dir,
+    ini_path,
+)
 
 DESCRIPTION = (
     "Manage the slmdeploy model cache from the shell, as 'foundry cache' does for Foundry Local: "
@@ -61,8 +68,7 @@ class ProjectConfig:
         value = self.values.get(key)
         if value in (None, "") or self.path is None:
             return None
-        candidate = Path(str(value)).expanduser()
-        return candidate if candidate.is_absolute() else self.path.parent / candidate
+        return ini_path(value, self.path.parent)
 
     def cache_dir(self, given: Path | None) -> Path:
         """--cache, else ``slm_cache``, else $SLMDEPLOY_CACHE or the default."""

@@ -194,6 +194,12 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def ini_path(value: object, ini_dir: Path) -> Path:
+    """A path from an ini file: relative ones are relative to the file's folder."""
+    candidate = Path(str(value)).expanduser()
+    return candidate if candidate.is_absolute() else ini_dir / candidate
+
+
 def resolve_settings(
     get: Callable[[str], object | None],
     *,
@@ -212,10 +218,7 @@ def resolve_settings(
 
     def path(key: str) -> Path | None:
         value = get(key)
-        if value in (None, ""):
-            return None
-        candidate = Path(str(value)).expanduser()
-        return candidate if candidate.is_absolute() else (ini_dir / candidate)
+        return None if value in (None, "") else ini_path(value, ini_dir)
 
     for key in ("slm_model", "slm_cache", "slm_report", "slm_bench_history", "slm_bench_export"):
         if get(key) is not None and not str(get(key)).strip():  # "" on the command line: never the current folder
@@ -395,8 +398,7 @@ def _entry_path(entry: dict[str, object], ini_dir: Path) -> Path | None:
     raw = entry.get("path")
     if not isinstance(raw, str) or not raw.strip():
         return None
-    path = Path(raw).expanduser()
-    return (path if path.is_absolute() else ini_dir / path).resolve()
+    return ini_path(raw, ini_dir).resolve()
 
 
 def _entries(table: object | None) -> list[dict[str, object]]:
@@ -428,10 +430,6 @@ def _entry_settings(base: Settings, entry: dict[str, object], label: str, ini_di
     if raw_path in (None, "") or not str(raw_path).strip():
         raise SettingsError(f'{label}: no path: give the model folder, e.g. path = "models/faq"')
 
-    def where(value: object) -> Path:
-        candidate = Path(str(value)).expanduser()
-        return candidate if candidate.is_absolute() else ini_dir / candidate
-
     try:
         precision = _choice("precision", str(entry.get("precision", base.precision)).lower(),
                             (*PRECISIONS, AUTO_PRECISION))  # fmt: skip
@@ -453,13 +451,13 @@ def _entry_settings(base: Settings, entry: dict[str, object], label: str, ini_di
     except SettingsError as exc:
         raise SettingsError(f"{label}: {exc}") from None
     if template not in CHAT_TEMPLATE_BUILTINS:
-        template = str(where(template))
+        template = str(ini_path(template, ini_dir))
     return replace(
         base,
-        model=where(raw_path),
+        model=ini_path(raw_path, ini_dir),
         precision=precision,
         name=name,
         chat_template=template,
         limits=limits,
-        case_files=tuple(where(c) for c in case_list),
+        case_files=tuple(ini_path(c, ini_dir) for c in case_list),
     )

@@ -14,7 +14,7 @@ from pytest_slmdeploy import build, recipes
 from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
 from pytest_slmdeploy.deploy import deploy, prepare
 from pytest_slmdeploy.errors import BuildError
-from pytest_slmdeploy.settings import PRECISIONS, Settings
+from pytest_slmdeploy.settings import LADDER_RUNGS, PRECISIONS, Settings
 from pytest_slmdeploy.source import SourceModel, inspect_source
 
 
@@ -99,6 +99,7 @@ def test_every_recipe_is_a_precision_and_the_ladder_climbs_them() -> None:
     assert set(recipes.LADDER) == set(recipes.RECIPES)
     assert recipes.LADDER[0] == "int4"
     assert recipes.LADDER[-1] == "fp32"
+    assert recipes.LADDER == LADDER_RUNGS  # settings' copy, which refuses a rung's name taken by another model
 
 
 def test_olive_reason_reaches_the_error(tiny_model: Path, tmp_path: Path) -> None:
