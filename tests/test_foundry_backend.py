@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -36,10 +36,15 @@ def _derive(entry: Path, target: Path, *, config: Mapping[str, object], template
     if not target.exists() or (target / manifest).read_bytes() != (entry / manifest).read_bytes():
         shutil.rmtree(target, ignore_errors=True)  # a copy of an earlier build
         shutil.copytree(entry, target)
-        tokenizer_config = json.loads((target / "tokenizer_config.json").read_text()) | config
-        (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-        if template is not None:
-            (target / "chat_template.jinja").write_text(template)
+    # Checked every session, not only with a fresh copy: a template may hold the day it was written. Written
+    # only when changed: another worker may be reading the copy.
+    tokenizer_config = json.loads((entry / "tokenizer_config.json").read_text()) | config
+    files = {"tokenizer_config.json": json.dumps(tokenizer_config)} | (
+        {"chat_template.jinja": template} if template is not None else {}
+    )
+    for name, text in files.items():
+        if not (target / name).exists() or (target / name).read_text() != text:
+            (target / name).write_text(text)
     return target
 
 
@@ -47,11 +52,22 @@ def _derive(entry: Path, target: Path, *, config: Mapping[str, object], template
 # a BPE-vocabulary eos_token (Llama 3 keeps every special token outside its BPE vocabulary). The same two facts
 # on the ChatML model's own files: its eos_token made <|endoftext|>, while it still ends with <|im_end|>.
 LLAMA3_STYLE = {"clean_up_tokenization_spaces": True, "eos_token": "<|endoftext|>"}
-TODAY = datetime.now().strftime("%d %b %Y")
-# A BOS text first, and a header that is long only when strftime_now gives the machine's date.
-DATED_TEMPLATE = (
-    "{{ bos_token }}{% if strftime_now('%d %b %Y') == '" + TODAY + "' %}" + "Today is the day. " * 12 + "{% endif %}"
-) + CHATML_TEMPLATE
+
+
+def dated_template() -> str:
+    """A BOS text first, and a header that is long only when strftime_now gives the machine's date (today's or,
+    should the module run past midnight, tomorrow's)."""
+    now = datetime.now()
+    days = [day.strftime("%d %b %Y") for day in (now, now + timedelta(days=1))]
+    header = "Today is the day. " * 12
+    return (
+        "{{ bos_token }}{% if strftime_now('%d %b %Y') in "
+        + repr(days)
+        + " %}"
+        + header
+        + "{% endif %}"
+        + CHATML_TEMPLATE
+    )
 
 
 def _metaspace_entry(entry: Path, target: Path) -> Path:
@@ -103,7 +119,7 @@ def entries(tiny_model: Path, leaky_template_model: Path, tmp_path_factory: pyte
             "leaky": leaky,
             "faq-llama3-style": _derive(faq, custom / "faq-llama3-style", config=LLAMA3_STYLE),
             "leaky-llama3-style": _derive(leaky, custom / "leaky-llama3-style", config=LLAMA3_STYLE),
-            "dated-bos": _derive(faq, custom / "dated-bos", config=bos, template=DATED_TEMPLATE),
+            "dated-bos": _derive(faq, custom / "dated-bos", config=bos, template=dated_template()),
             "metaspace": _metaspace_entry(faq, custom / "metaspace"),
         }
 
