@@ -19,6 +19,7 @@ from pytest_slmdeploy.bench import BUSY_CPUS, DEFAULT_GATES, Gate, metrics_of
 from pytest_slmdeploy.cache import ModelCache
 from pytest_slmdeploy.deploy import Deployment, Plan, deploy, prepare
 from pytest_slmdeploy.errors import BuildError, SlmDeployError, describe
+from pytest_slmdeploy.gate_item import BenchmarkGates
 from pytest_slmdeploy.report import (
     FAMILY_PROPERTY,
     INCONCLUSIVE_PROPERTY,
@@ -598,47 +599,6 @@ class SlmDeploySession:
             ladder=tuple(self.ladder.table()) if self.ladder is not None else (),
             foundry=foundry,
         )
-
-
-class GateFailure(Exception):
-    """The benchmark gates failed: the message holds the reasons, one per line."""
-
-
-class BenchmarkGates(pytest.Collector):
-    """Collects the gate item (through a collector, so pytest counts it among the collected tests)."""
-
-    def __init__(self, *, slm: SlmDeploySession, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.slm = slm
-
-    def collect(self) -> list[pytest.Item]:
-        nodeid = self.slm.gate_item_id
-        name = nodeid.partition("::")[2]
-        return [BenchmarkGatesItem.from_parent(self, name=name, nodeid=nodeid, slm=self.slm)]
-
-
-class BenchmarkGatesItem(pytest.Item):
-    """``slmdeploy::benchmark_gates``: judges the gates on the metrics of the benchmarks that ran before it."""
-
-    def __init__(self, *, slm: SlmDeploySession, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.slm = slm
-        self.user_properties += [(FAMILY_PROPERTY, "benchmark"), *slm.model_properties()]
-
-    def runtest(self) -> None:
-        verdict = self.slm.judge_gates(by_item=True)
-        if verdict.failed:
-            raise GateFailure("\n".join(verdict.reasons))
-        if verdict.status == "inconclusive":
-            self.user_properties += [(INCONCLUSIVE_PROPERTY, reason) for reason in verdict.reasons]
-
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        if isinstance(excinfo.value, GateFailure):
-            return str(excinfo.value)  # the reasons, first line first: the short summary shows it
-        return super().repr_failure(excinfo, style=style)
-
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, self.slm.gate_item_id
 
 
 def _threads_text(settings: Settings) -> str:
