@@ -7,11 +7,12 @@ import contextlib
 import ctypes
 import functools
 import json
+import math
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -73,6 +74,34 @@ def cpus_busy_elsewhere(seconds: float = 0.3) -> float:
     own.cpu_percent(None)
     total = psutil.cpu_percent(interval=seconds) * (psutil.cpu_count() or 1) / 100
     return max(0.0, total - own.cpu_percent(None) / 100)
+
+
+def free_cpus(share: int, cpus: int, busy_elsewhere: float) -> int:
+    """Threads for this process's own CPU-bound work: its ``share`` of the machine's ``cpus`` (see
+    :func:`~pytest_slmdeploy.settings.auto_threads`), fewer when other processes already keep some busy; at
+    least 1."""
+    return max(1, min(share, math.floor(cpus - busy_elsewhere + 0.5)))
+
+
+@contextlib.contextmanager
+def torch_threads(share: int) -> Iterator[str]:
+    """PyTorch's intra-op threads for the work inside (GPTQ, the source's references): as many as
+    :func:`free_cpus` gives now; restored afterwards. Yields how many, and why, for a progress line. PyTorch's
+    OpenMP threads wait for each other at every small operation: with more threads than free cores they wait on
+    threads the OS has put aside (SmolLM2's GPTQ beside two busy processes: 345 s on 2 threads, 151 s on 1;
+    63 s on 2 on a quiet machine; beside another pytest-xdist worker's checks, 695 s)."""
+    import torch
+
+    cpus = psutil.cpu_count() or 1
+    busy = cpus_busy_elsewhere(0.1)
+    threads = free_cpus(share, cpus, busy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        why = f"; other processes use {busy:.1f} CPUs" if busy >= 0.5 else ""
+        yield f"{threads} thread{'s' if threads != 1 else ''} (of {cpus} CPUs{why})"
+    finally:
+        torch.set_num_threads(before)
 
 
 class OtherLoad:

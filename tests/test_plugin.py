@@ -78,7 +78,7 @@ def test_cold_then_warm_run(pytester: pytest.Pytester, tiny_model: Path, tmp_pat
             "slmdeploy: * (Qwen2ForCausalLM) -> faq-int4 [[]int4[]]",
             "slmdeploy: cache */custom/faq-int4: will build (not installed)",
             f"slmdeploy: fingerprint *, CPUExecutionProvider, backend ort-genai, {auto_threads()} thread*",
-            "slmdeploy: converting with Olive (Gptq + GenAIModelBuilder + GraphSurgeries)",
+            "slmdeploy: converting with Olive (Gptq + GenAIModelBuilder + GraphSurgeries) on * thread* (of * CPUs*)",
             "slmdeploy: installed */custom/faq-int4 *",
             "pass *Installed in the Foundry Local cache, loads and answers*3/3*",
             "faq-int4 [[]int4[]]: built in *s (peak RSS * MB)",
