@@ -22,7 +22,7 @@ from typing import Any
 
 from pytest_slmdeploy import buildlog, recipes
 from pytest_slmdeploy.errors import BuildError, describe
-from pytest_slmdeploy.measure import PeakRss, Stopwatch, torch_threads
+from pytest_slmdeploy.measure import PeakRss, Stopwatch, threads_free_now, torch_threads
 from pytest_slmdeploy.settings import auto_threads
 from pytest_slmdeploy.source import SourceModel
 
@@ -176,26 +176,26 @@ def run_olive(
     watch = Stopwatch()
     handler = buildlog.Records()
     olive_logger = logging.getLogger("olive")
-    # Olive imports torch anyway; its threads are set for the whole build (GPTQ, the builder's export).
-    with torch_threads(auto_threads()) as threads:
-        progress(f"converting with Olive ({passes}) on {threads}")
-        with PeakRss() as rss, _offline_env(calibration_cache), _ticker(progress, "converting"):
-            olive_logger.addHandler(handler)
-            try:
-                with buildlog.output_to_log(log_path), warnings.catch_warnings():
-                    # Olive's imports warn about their own dependencies, and it leaves temporary
-                    # directories for the garbage collector (a ResourceWarning each): not the user's concern.
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    warnings.simplefilter("ignore", ResourceWarning)
-                    with _olive_telemetry_off():
-                        from olive.workflows import run as olive_run
+    threads, on = threads_free_now(auto_threads())
+    progress(f"converting with Olive ({passes}) on {on}")
+    with PeakRss() as rss, _offline_env(calibration_cache), _ticker(progress, "converting"):
+        olive_logger.addHandler(handler)
+        try:
+            # torch_threads imports torch, as Olive would: while the standard streams are this build's log.
+            with buildlog.output_to_log(log_path), warnings.catch_warnings(), torch_threads(threads):
+                # Olive's imports warn about their own dependencies, and it leaves temporary
+                # directories for the garbage collector (a ResourceWarning each): not the user's concern.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", ResourceWarning)
+                with _olive_telemetry_off():
+                    from olive.workflows import run as olive_run
 
-                        outcome = olive_run(config, package_config=package_config())
-                    gc.collect()  # finalize Olive's leftover temporary directories while warnings are ignored
-            except Exception as exc:  # Olive raises anything; the user gets one line and the log.
-                raise BuildError(f"Olive failed: {describe(exc)} (full log: {log_path})") from exc
-            finally:
-                olive_logger.removeHandler(handler)
+                    outcome = olive_run(config, package_config=package_config())
+                gc.collect()  # finalize Olive's leftover temporary directories while warnings are ignored
+        except Exception as exc:  # Olive raises anything; the user gets one line and the log.
+            raise BuildError(f"Olive failed: {describe(exc)} (full log: {log_path})") from exc
+        finally:
+            olive_logger.removeHandler(handler)
     produced = outcome is not None and outcome.has_output_model()
     missing = [name for name in REQUIRED_OUTPUTS if not (output_dir / name).is_file()]
     if not produced or missing:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pytest_slmdeploy.errors import SlmDeployError, describe
-from pytest_slmdeploy.measure import torch_threads
+from pytest_slmdeploy.measure import threads_free_now, torch_threads
 from pytest_slmdeploy.settings import auto_threads
 from pytest_slmdeploy.stats import Verdict, Z, wilson_interval
 
@@ -411,8 +411,9 @@ def _compute(
 
     hf_logging.disable_progress_bar()  # the run shows its own progress line
     start = time.perf_counter()
-    with torch_threads(auto_threads()) as threads:  # the references take minutes on a real model
-        progress(f"computing fidelity references with the source model ({len(prompts)} prompts, on {threads})")
+    threads, on = threads_free_now(auto_threads())
+    with torch_threads(threads):  # the references take minutes on a real model
+        progress(f"computing fidelity references with the source model ({len(prompts)} prompts, on {on})")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(

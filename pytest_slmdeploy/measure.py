@@ -83,23 +83,28 @@ def free_cpus(share: int, cpus: int, busy_elsewhere: float) -> int:
     return max(1, min(share, math.floor(cpus - busy_elsewhere + 0.5)))
 
 
-@contextlib.contextmanager
-def torch_threads(share: int) -> Iterator[str]:
-    """PyTorch's intra-op threads for the work inside (GPTQ, the source's references): as many as
-    :func:`free_cpus` gives now; restored afterwards. Yields how many, and why, for a progress line. PyTorch's
-    OpenMP threads wait for each other at every small operation: with more threads than free cores they wait on
-    threads the OS has put aside (SmolLM2's GPTQ beside two busy processes: 345 s on 2 threads, 151 s on 1;
-    63 s on 2 on a quiet machine; beside another pytest-xdist worker's checks, 695 s)."""
-    import torch
-
+def threads_free_now(share: int) -> tuple[int, str]:
+    """:func:`free_cpus` for this machine now, and the words for a progress line ("1 thread (of 2 CPUs; other
+    processes use 2.0 CPUs)")."""
     cpus = psutil.cpu_count() or 1
     busy = cpus_busy_elsewhere(0.1)
     threads = free_cpus(share, cpus, busy)
+    why = f"; other processes use {busy:.1f} CPUs" if busy >= 0.5 else ""
+    return threads, f"{threads} thread{'s' if threads != 1 else ''} (of {cpus} CPUs{why})"
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op threads for the work inside (GPTQ, the source's references), restored afterwards.
+    PyTorch's OpenMP threads wait for each other at every small operation: with more threads than free cores
+    they wait on threads the OS has put aside (SmolLM2's GPTQ beside two busy processes: 338 s on 2 threads,
+    144 s on 1, 59 s on 2 on a quiet machine; beside another pytest-xdist worker's checks, 695 s on 2)."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        why = f"; other processes use {busy:.1f} CPUs" if busy >= 0.5 else ""
-        yield f"{threads} thread{'s' if threads != 1 else ''} (of {cpus} CPUs{why})"
+        yield
     finally:
         torch.set_num_threads(before)
 

@@ -159,11 +159,12 @@ def test_a_build_beside_busy_processes_runs_torch_on_the_free_cpus(
     before = torch.get_num_threads()
     cpus = measure.psutil.cpu_count()
     monkeypatch.setattr(measure, "cpus_busy_elsewhere", lambda seconds=0.3: 2.0 * cpus)  # every CPU busy twice over
+    threads, why = measure.threads_free_now(8)
+    assert (threads, why) == (1, f"1 thread (of {cpus} CPUs; other processes use {2.0 * cpus:.1f} CPUs)")
     seen: list[int] = []
-    with measure.torch_threads(8) as why:
+    with measure.torch_threads(threads):
         seen.append(torch.get_num_threads())
     assert seen == [1]
-    assert why == f"1 thread (of {cpus} CPUs; other processes use {2.0 * cpus:.1f} CPUs)"
     assert torch.get_num_threads() == before
     lines: list[str] = []
     build.run_olive(
