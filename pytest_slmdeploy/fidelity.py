@@ -413,7 +413,7 @@ def _compute(
     start = time.perf_counter()
     threads, on = threads_free_now(auto_threads())
     with torch_threads(threads):  # the references take minutes on a real model
-        progress(f"computing fidelity references with the source model ({len(prompts)} prompts, on {on})")
+        progress(f"computing fidelity references with the source model ({len(prompts)} prompts) on {on}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(

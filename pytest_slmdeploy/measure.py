@@ -8,6 +8,7 @@ import ctypes
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -67,17 +68,26 @@ def malloc_in_use_bytes() -> int:
     return int(result.uordblks + result.hblkhd)
 
 
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity: a container or ``taskset`` may allow fewer than the
+    machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(psutil.cpu_count() or 1))
+
+
 def cpus_busy_elsewhere(seconds: float = 0.3) -> float:
-    """How many CPUs' worth of work other processes did over the next ``seconds`` (this one's own use left
-    out): a background job, another CI step."""
+    """How many CPUs' worth of work other processes did over the next ``seconds`` on the CPUs this process may
+    use (its own use left out): a background job, another CI step."""
     own = psutil.Process()
     own.cpu_percent(None)
-    total = psutil.cpu_percent(interval=seconds) * (psutil.cpu_count() or 1) / 100
+    per_cpu = psutil.cpu_percent(interval=seconds, percpu=True)
+    total = sum(per_cpu[i] for i in allowed_cpus() if i < len(per_cpu)) / 100
     return max(0.0, total - own.cpu_percent(None) / 100)
 
 
 def free_cpus(share: int, cpus: int, busy_elsewhere: float) -> int:
-    """Threads for this process's own CPU-bound work: its ``share`` of the machine's ``cpus`` (see
+    """Threads for this process's own CPU-bound work: its ``share`` of the ``cpus`` it may use (see
     :func:`~pytest_slmdeploy.settings.auto_threads`), fewer when other processes already keep some busy; at
     least 1."""
     return max(1, min(share, math.floor(cpus - busy_elsewhere + 0.5)))
@@ -86,8 +96,8 @@ def free_cpus(share: int, cpus: int, busy_elsewhere: float) -> int:
 def threads_free_now(share: int) -> tuple[int, str]:
     """:func:`free_cpus` for this machine now, and the words for a progress line ("1 thread (of 2 CPUs; other
     processes use 2.0 CPUs)")."""
-    cpus = psutil.cpu_count() or 1
-    busy = cpus_busy_elsewhere(0.1)
+    cpus = len(allowed_cpus())
+    busy = cpus_busy_elsewhere()
     threads = free_cpus(share, cpus, busy)
     why = f"; other processes use {busy:.1f} CPUs" if busy >= 0.5 else ""
     return threads, f"{threads} thread{'s' if threads != 1 else ''} (of {cpus} CPUs{why})"
@@ -95,14 +105,15 @@ def threads_free_now(share: int) -> tuple[int, str]:
 
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """PyTorch's intra-op threads for the work inside (GPTQ, the source's references), restored afterwards.
+    """PyTorch's intra-op threads for the work inside (GPTQ, the source's references): ``threads``, never more
+    than PyTorch's own setting (one per physical core, or the user's ``OMP_NUM_THREADS``); restored afterwards.
     PyTorch's OpenMP threads wait for each other at every small operation: with more threads than free cores
     they wait on threads the OS has put aside (SmolLM2's GPTQ beside two busy processes: 338 s on 2 threads,
     144 s on 1, 59 s on 2 on a quiet machine; beside another pytest-xdist worker's checks, 695 s on 2)."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(min(threads, before))
     try:
         yield
     finally:

@@ -418,11 +418,14 @@ def test_the_gate_item(
     assert result.parseoutcomes() == outcomes
     assert result.ret == (pytest.ExitCode.TESTS_FAILED if "failed" in outcomes else pytest.ExitCode.OK)
     result.stdout.fnmatch_lines(lines)
+    summary = (pytester.path / "summary.md").read_text()
     if BUSY in result.stdout.str():
         result.stdout.fnmatch_lines(["*gate decode_tps:-15% not decided: other processes used * CPUs during *"])
+        assert record is None or "❌" in summary or "⚠️ benchmark gates not decided" in summary
     else:
         result.stdout.fnmatch_lines(quiet)
-    assert markdown in (pytester.path / "summary.md").read_text()
+        assert record is not EASY or "✅ benchmark gates passed" in summary
+    assert markdown in summary
     junit = (pytester.path / "junit.xml").read_text()
     assert f'failures="{outcomes.get("failed", 0)}"' in junit
     assert '<testcase classname="slmdeploy" name="benchmark_gates"' in junit
