@@ -199,6 +199,11 @@ def test_length_timing_verdicts() -> None:
     assert _judge(short, linear) == ["pass", "pass"]
     quadratic = [timed(256, 2.56 + i * 1e-3, 0.011) for i in range(8)]
     assert _judge(short, quadratic)[0] == "fail"
+    # Just past the limit (each round's short TTFT x 256/16 x 1.5: 0.240-0.257 s): 1-8% over in every round fails;
+    # over in some rounds only is undecided; under in every round passes.
+    assert _judge(short, [timed(256, 0.26 + i * 1e-4, 0.011) for i in range(8)])[0] == "fail"
+    assert _judge(short, [timed(256, 0.25 + i * 1e-4, 0.011) for i in range(8)])[0] == "inconclusive"
+    assert _judge(short, [timed(256, 0.23 + i * 1e-4, 0.011) for i in range(8)])[0] == "pass"
     slow_decode = [timed(256, 0.15, 0.05 + i * 1e-4) for i in range(8)]
     assert _judge(short, slow_decode)[1] == "fail"
     # Noise as wide as the effect: half the rounds hit by a scheduler stall in either condition.
