@@ -23,7 +23,6 @@ from typing import Any
 from pytest_slmdeploy import buildlog, recipes
 from pytest_slmdeploy.errors import BuildError, describe
 from pytest_slmdeploy.measure import PeakRss, Stopwatch, threads_free_now, torch_threads
-from pytest_slmdeploy.settings import auto_threads
 from pytest_slmdeploy.source import SourceModel
 
 Progress = Callable[[str], None]
@@ -176,7 +175,7 @@ def run_olive(
     watch = Stopwatch()
     handler = buildlog.Records()
     olive_logger = logging.getLogger("olive")
-    threads, on = threads_free_now(auto_threads())
+    threads, on = threads_free_now()
     progress(f"converting with Olive ({passes}) on {on}")
     with PeakRss() as rss, _offline_env(calibration_cache), _ticker(progress, "converting"):
         olive_logger.addHandler(handler)

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pytest_slmdeploy.errors import SlmDeployError, describe
 from pytest_slmdeploy.measure import threads_free_now, torch_threads
-from pytest_slmdeploy.settings import auto_threads
 from pytest_slmdeploy.stats import Verdict, Z, wilson_interval
 
 if TYPE_CHECKING:
@@ -411,65 +410,60 @@ def _compute(
 
     hf_logging.disable_progress_bar()  # the run shows its own progress line
     start = time.perf_counter()
-    threads, on = threads_free_now(auto_threads())
-    with torch_threads(threads):  # the references take minutes on a real model
-        progress(f"computing fidelity references with the source model ({len(prompts)} prompts) on {on}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch.float32, trust_remote_code=trust_remote_code
+    threads, on = threads_free_now()  # the references take minutes on a real model
+    progress(f"computing fidelity references with the source model ({len(prompts)} prompts) on {on}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises anything on a folder it cannot read
+        raise FidelityError(f"the source model {source} cannot be loaded in transformers: {describe(exc)}") from None
+    model.eval()
+    eos = _eos_ids(model, tokenizer)
+    # Greedy on the raw logits, without the sampling settings or repetition penalty of the model's own
+    # generation_config: generate() fills every unset value from model.generation_config, so blank that too.
+    model.generation_config = GenerationConfig()
+    greedy = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(eos),
+        pad_token_id=min(eos),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    all_messages, prompt_rows, answer_rows, texts = [], [], [], []
+    top_ids: list[Any] = []
+    top_lps: list[Any] = []
+    vocab = 0
+    tokens_lp: list[float] = []
+    with torch.inference_mode(), torch_threads(threads):
+        for prompt in prompts:
+            messages = _messages(prompt)
+            try:
+                ids = [int(t) for t in _chat_ids(tokenizer, messages)]
+            except Exception as exc:  # the template's own raise_exception(), or a Jinja error
+                raise FidelityError(
+                    f"the source's chat template refused {_label(messages)!r}: {describe(exc)}"
+                ) from None
+            out = model.generate(
+                input_ids=torch.tensor([ids], dtype=torch.long),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                generation_config=greedy,
             )
-        except Exception as exc:  # transformers raises anything on a folder it cannot read
-            raise FidelityError(
-                f"the source model {source} cannot be loaded in transformers: {describe(exc)}"
-            ) from None
-        model.eval()
-        eos = _eos_ids(model, tokenizer)
-        # Greedy on the raw logits, without the sampling settings or repetition penalty of the model's own
-        # generation_config: generate() fills every unset value from model.generation_config, so blank that too.
-        model.generation_config = GenerationConfig()
-        greedy = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(eos),
-            pad_token_id=min(eos),
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        all_messages, prompt_rows, answer_rows, texts = [], [], [], []
-        top_ids: list[Any] = []
-        top_lps: list[Any] = []
-        vocab = 0
-        tokens_lp: list[float] = []
-        with torch.inference_mode():
-            for prompt in prompts:
-                messages = _messages(prompt)
-                try:
-                    ids = [int(t) for t in _chat_ids(tokenizer, messages)]
-                except Exception as exc:  # the template's own raise_exception(), or a Jinja error
-                    raise FidelityError(
-                        f"the source's chat template refused {_label(messages)!r}: {describe(exc)}"
-                    ) from None
-                out = model.generate(
-                    input_ids=torch.tensor([ids], dtype=torch.long),
-                    attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
-                    generation_config=greedy,
-                )
-                answer = [int(t) for t in out.sequences[0, len(ids) :]]
-                for token, raw in zip(answer, out.logits, strict=True):
-                    logp = torch.log_softmax(raw[0].double(), dim=-1)
-                    k = min(top_k, logp.numel())
-                    values, indices = torch.topk(logp, k)
-                    top_ids.append(indices.numpy().astype(np.int32))
-                    top_lps.append(values.numpy().astype(np.float32))
-                    sink.write(logp.numpy().astype(np.float16).tobytes())
-                    vocab = logp.numel()
-                    tokens_lp.append(float(logp[token]))
-                all_messages.append(tuple(messages))
-                prompt_rows.append(tuple(ids))
-                answer_rows.append(tuple(answer))
-                body = answer[:-1] if answer and answer[-1] in eos else answer
-                texts.append(str(tokenizer.decode(body, skip_special_tokens=True)))
+            answer = [int(t) for t in out.sequences[0, len(ids) :]]
+            for token, raw in zip(answer, out.logits, strict=True):
+                logp = torch.log_softmax(raw[0].double(), dim=-1)
+                k = min(top_k, logp.numel())
+                values, indices = torch.topk(logp, k)
+                top_ids.append(indices.numpy().astype(np.int32))
+                top_lps.append(values.numpy().astype(np.float32))
+                sink.write(logp.numpy().astype(np.float16).tobytes())
+                vocab = logp.numel()
+                tokens_lp.append(float(logp[token]))
+            all_messages.append(tuple(messages))
+            prompt_rows.append(tuple(ids))
+            answer_rows.append(tuple(answer))
+            body = answer[:-1] if answer and answer[-1] in eos else answer
+            texts.append(str(tokenizer.decode(body, skip_special_tokens=True)))
     seconds = time.perf_counter() - start
     progress(f"fidelity references computed in {seconds:.1f}s")
     fields = {

@@ -8,7 +8,6 @@ import ctypes
 import functools
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from types import TracebackType
 import psutil
 
 from pytest_slmdeploy.errors import SlmDeployError
+from pytest_slmdeploy.settings import allowed_cpus, auto_threads
 
 
 def rss_bytes() -> int:
@@ -68,14 +68,6 @@ def malloc_in_use_bytes() -> int:
     return int(result.uordblks + result.hblkhd)
 
 
-def allowed_cpus() -> list[int]:
-    """The CPUs this process may run on (its affinity: a container or ``taskset`` may allow fewer than the
-    machine has)."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(psutil.cpu_count() or 1))
-
-
 def cpus_busy_elsewhere(seconds: float = 0.3) -> float:
     """How many CPUs' worth of work other processes did over the next ``seconds`` on the CPUs this process may
     use (its own use left out): a background job, another CI step."""
@@ -93,12 +85,12 @@ def free_cpus(share: int, cpus: int, busy_elsewhere: float) -> int:
     return max(1, min(share, math.floor(cpus - busy_elsewhere + 0.5)))
 
 
-def threads_free_now(share: int) -> tuple[int, str]:
-    """:func:`free_cpus` for this machine now, and the words for a progress line ("1 thread (of 2 CPUs; other
-    processes use 2.0 CPUs)")."""
+def threads_free_now() -> tuple[int, str]:
+    """:func:`free_cpus` for this process now (its share of the CPUs, less the busy ones), and the words for a
+    progress line ("1 thread (of 2 CPUs; other processes use 2.0 CPUs)")."""
     cpus = len(allowed_cpus())
     busy = cpus_busy_elsewhere()
-    threads = free_cpus(share, cpus, busy)
+    threads = free_cpus(auto_threads(), cpus, busy)
     why = f"; other processes use {busy:.1f} CPUs" if busy >= 0.5 else ""
     return threads, f"{threads} thread{'s' if threads != 1 else ''} (of {cpus} CPUs{why})"
 

@@ -32,10 +32,18 @@ def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(base).expanduser() / "slmdeploy"
 
 
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity: a container or ``taskset`` may allow fewer than the
+    machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def auto_threads(env: Mapping[str, str] | None = None) -> int:
     """The CPUs this process may use, shared out among pytest-xdist workers (at least 1)."""
     env = os.environ if env is None else env
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = len(allowed_cpus())
     workers = int(env.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     return max(1, cpus // max(1, workers))
 

@@ -14,7 +14,7 @@ from pytest_slmdeploy import build, recipes
 from pytest_slmdeploy.checklist.format import GENERIC_PROMPTS
 from pytest_slmdeploy.deploy import deploy, prepare
 from pytest_slmdeploy.errors import BuildError
-from pytest_slmdeploy.settings import LADDER_RUNGS, PRECISIONS, Settings
+from pytest_slmdeploy.settings import LADDER_RUNGS, PRECISIONS, Settings, allowed_cpus
 from pytest_slmdeploy.source import SourceModel, inspect_source
 
 
@@ -160,9 +160,9 @@ def test_a_build_beside_busy_processes_runs_torch_on_the_free_cpus(
     from pytest_slmdeploy import measure
 
     before = torch.get_num_threads()
-    cpus = len(measure.allowed_cpus())
+    cpus = len(allowed_cpus())
     monkeypatch.setattr(measure, "cpus_busy_elsewhere", lambda seconds=0.3: 2.0 * cpus)  # every CPU busy twice over
-    threads, why = measure.threads_free_now(8)
+    threads, why = measure.threads_free_now()
     assert (threads, why) == (1, f"1 thread (of {cpus} CPUs; other processes use {2.0 * cpus:.1f} CPUs)")
     inside: list[int] = []
 
