@@ -455,10 +455,11 @@ def test_skipped_checks_are_not_passed_in_any_report() -> None:
     assert len(data["not_checked"]) == 2
 
 
-# onnxruntime_genai with its decode about 20% slower, as a slower runtime release would be: each decode step works
-# 15% more, and the wrapper's own Python call adds about 3 us to the tiny model's 33 us token (the time per token
-# grows about 25%, the gate allows 15%). A sitecustomize on PYTHONPATH, so the model-alone process the CPU gate reads
-# runs it too. The extra work is CPU time, measured as such: a busy machine neither hides nor inflates it.
+# onnxruntime_genai with its decode about 25% slower, as a slower runtime release would be: each decode step works
+# 25% more, beside the wrapper's own Python call (the CPU time per token grew 24.7-30.1% in four runs; the gate
+# allows 15%). With 15% more work it grew 22-25%, and once, in a fresh clone's test job, less than 15%: too close to
+# the limit to prove the gate. A sitecustomize on PYTHONPATH, so the model-alone process the CPU gate reads runs it
+# too. The extra work is CPU time, measured as such: a busy machine neither hides nor inflates it.
 SLOWER_RUNTIME = """
 import time
 
@@ -477,7 +478,7 @@ class Generator:
         self._generator.generate_next_token()
         self._steps += 1
         if self._steps > 1:  # a decode step (the first one follows the prompt)
-            end = time.process_time() + 0.15 * (time.process_time() - start)
+            end = time.process_time() + 0.25 * (time.process_time() - start)
             while time.process_time() < end:
                 pass
 
@@ -489,12 +490,12 @@ og.Generator = Generator
 """
 
 
-def test_a_twenty_percent_slower_decode_fails_the_gate_on_a_busy_machine_too(
+def test_a_quarter_slower_decode_fails_the_gate_on_a_busy_machine_too(
     pytester: pytest.Pytester, tiny_model: Path, warm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 21, item 9: the gates were shown to fail only 10x and 1e12 baselines, and on a busy machine no timing
     gate decides. A run saved as the baseline on a quiet machine, then the same model through a runtime whose decode
-    is about 20% slower (the default gate on CPU time per token allows +15%), quiet and beside two CPU-bound
+    is about 25% slower (the default gate on CPU time per token allows +15%), quiet and beside two CPU-bound
     processes: the CPU gate fails both times, with the growth about as planted."""
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark disables itself in the run
     args = ("--slm-model", str(tiny_model), "--slm-cache", str(warm_cache), "-m", "slm_benchmark",
